@@ -1,0 +1,1 @@
+"""CLI subcommands: each module registers one parser (see compress/cli.py)."""

@@ -1,0 +1,5 @@
+"""Error types that the CLI turns into one clear line and an exit code."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input (a file, a flag, a YAML key): exit code 2, one line on stderr."""
