@@ -15,7 +15,9 @@ from .errors import UserError
 # Order is the order of `compress --help`.
 COMMAND_MODULES = [
     "info",
-    # "export",
+    "train",
+    "val",
+    "export",
 ]
 
 

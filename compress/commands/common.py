@@ -1,6 +1,7 @@
 """Flags and helpers shared by several subcommands (ultralytics names where they mean the same)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..fileio import new_run_dir
@@ -19,13 +20,7 @@ def add_model_args(p, cfg=True, weights=True, imgsz=640):
 def add_out_arg(p):
     """--out DIR and --name (the default is runs/<command>/<name>, a new name per run)."""
     p.add_argument("--out", default=None, help="output directory (default runs/<command>/exp, exp2, ...)")
-    p.add_argument("--name", default="exp", help=argparse_suppress())
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
+    p.add_argument("--name", default="exp", help=argparse.SUPPRESS)
 
 
 def out_dir(args, command: str) -> Path:
