@@ -15,8 +15,10 @@ from .errors import UserError
 # Order is the order of `compress --help`.
 COMMAND_MODULES = [
     "info",
+    "data",
     "train",
     "val",
+    "prune",
     "export",
 ]
 
