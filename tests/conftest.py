@@ -24,3 +24,24 @@ def tiny_cfg(name: str = "yolov5n", nc: int = 4, width: float = 0.125) -> dict:
 def tiny_yolo_cfg():
     """Tiny yolov5n-topology config dict (nc=4, width 0.125)."""
     return tiny_cfg()
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """A small on-disk synthetic YOLO dataset (32 train / 16 val images at 96 px, 4 classes)."""
+    from compress.data.synth import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synth"), n_train=32, n_val=16, imgsz=96,
+                                  classes=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg_file(tmp_path_factory):
+    """The tiny yolov5n config written to a YAML file (for CLI tests)."""
+    import yaml
+
+    f = tmp_path_factory.mktemp("cfg") / "tiny-yolov5n.yaml"
+    d = tiny_cfg()
+    d.pop("yaml_file")
+    f.write_text(yaml.safe_dump(d))
+    return f

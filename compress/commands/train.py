@@ -1,6 +1,7 @@
 """``compress train``: train from a YAML, fine-tune an artifact, or resume an interrupted run."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import UserError
@@ -62,6 +63,7 @@ def run(args):
         resume(run_dir, callbacks_from_args(args))
         return 0
     opts = options_from_args(args)
-    save_options(opts)
+    if int(os.environ.get("RANK", 0)) == 0:
+        save_options(opts)
     train(opts, callbacks_from_args(args))
     return 0
