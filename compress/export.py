@@ -38,7 +38,7 @@ def export_onnx(model, path, imgsz: int = 640, dynamic: bool = False, opset: int
     path = Path(path)
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(DecodedOutput(model), (x,), str(tmp), dynamo=False, opset_version=opset,
+        torch.onnx.export(DecodedOutput(model).eval(), (x,), str(tmp), dynamo=False, opset_version=opset,
                           input_names=["images"], output_names=["output0"], dynamic_axes=axes,
                           do_constant_folding=True)
         import onnx

@@ -27,8 +27,7 @@ def profile(model, imgsz: int = 640, per_layer: bool = False):
 
     check_imgsz(model, imgsz)
     m = copy.deepcopy(model).float().cpu().eval()
-    p = next(m.parameters())
-    x = torch.zeros(1, p.shape[1] if p.dim() == 4 else 3, imgsz, imgsz)
+    x = torch.zeros(1, int(getattr(model, "yaml", {}).get("ch", 3)), imgsz, imgsz)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         macs, _, info = thop.profile(m, inputs=(x,), verbose=False, ret_layer_info=True)
