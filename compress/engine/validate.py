@@ -83,3 +83,29 @@ def adaptive_bn(model, batches, device="cpu", progress=False) -> None:
         for m, mom in zip(bns, saved):
             m.momentum = mom
         model.eval()
+
+
+def load_batches(img_files, imgsz: int, batch: int, n_batches: int | None, nc: int, seed: int = 0,
+                 shuffle: bool = True, workers: int = 0, prefix: str = "") -> list:
+    """Load up to ``n_batches`` letterboxed, unaugmented batches once, to reuse many times.
+
+    Used where many models must see exactly the same images (adaptive BN over hundreds of candidates,
+    calibration, a fixed validation subset): no reloading, no augmentation randomness. ``shuffle``
+    picks a seed-determined subset instead of the first files.
+    """
+    from ..data.dataset import create_dataloader
+
+    loader, _ = create_dataloader(img_files, imgsz, batch, augment=False, workers=workers, shuffle=shuffle,
+                                  seed=seed, nc=nc, prefix=prefix)
+    out = []
+    for b in loader:
+        out.append(b)
+        if n_batches is not None and len(out) >= n_batches:
+            break
+    return out
+
+
+def evaluate_model(model, batches, data: dict, device="cpu", **kw) -> dict:
+    """:func:`evaluate` a torch model on ``batches`` with the dataset's classes (no progress bar by default)."""
+    kw.setdefault("progress", False)
+    return evaluate(torch_predictor(model, device), batches, data["nc"], data["names"], **kw)
