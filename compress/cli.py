@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "val",
     "prune",
     "export",
+    "bench",
+    "run",
 ]
 
 

@@ -60,14 +60,21 @@ def ort_session(path, threads: int | None = None):
 
 
 def onnx_parity(model, path, imgsz: int, batch: int = 1, seed: int = 0) -> float:
-    """Max abs difference between torch and onnxruntime decoded outputs on a random image batch."""
+    """Max abs difference between torch and onnxruntime decoded outputs on a random image batch.
+
+    Box coordinates are compared in units of the image size (pixels / imgsz) and scores as they are,
+    so the tolerance means the same at 320 and at 1280 (float32 pixel values near 640 are only exact
+    to ~6e-5 px).
+    """
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, imgsz, imgsz, generator=g)
     with torch.no_grad():
         ref = model.float().cpu().eval()(x)[0].numpy()
     sess = ort_session(path)
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    return float(np.abs(out - ref).max())
+    scale = np.ones(ref.shape[-1], dtype=np.float32)
+    scale[:4] = imgsz
+    return float((np.abs(out - ref) / scale).max())
 
 
 def onnx_latency(path, imgsz: int, runs: int = 50, warmup: int = 5, threads: int | None = None) -> dict:
@@ -88,3 +95,48 @@ def onnx_latency(path, imgsz: int, runs: int = 50, warmup: int = 5, threads: int
     times.sort()
     return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))],
             "runs": runs, "threads": threads or 0}
+
+
+def compare_latency(models: dict, imgsz: int, runs: int = 50, threads: int = 2, rounds: int = 5) -> list:
+    """onnxruntime latency of several models measured side by side (interleaved rounds).
+
+    ``models`` maps a label to a loaded model; each is exported to a temporary ONNX file. Interleaving
+    the rounds makes load on a shared machine hit every model alike, so ratios are trustworthy.
+    Returns one ``{"model", "params", "gflops", "median_ms"}`` dict per model, in order.
+    """
+    import tempfile
+
+    from .model.profile import profile
+
+    rows, sessions = [], []
+    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as td:
+        for i, (label, model) in enumerate(models.items()):
+            prof = profile(model, imgsz)
+            sess = ort_session(export_onnx(model, Path(td) / f"m{i}.onnx", imgsz), threads)
+            for _ in range(3):  # warm-up
+                sess.run(None, {sess.get_inputs()[0].name: x})
+            sessions.append(sess)
+            rows.append({"model": label, "params": prof["params"], "gflops": prof["gflops"], "times": []})
+        per_round = max(1, runs // rounds)
+        for _ in range(rounds):
+            for sess, r in zip(sessions, rows):
+                name = sess.get_inputs()[0].name
+                for _ in range(per_round):
+                    t = time.perf_counter()
+                    sess.run(None, {name: x})
+                    r["times"].append((time.perf_counter() - t) * 1e3)
+    for r in rows:
+        r["median_ms"] = statistics.median(r.pop("times"))
+    return rows
+
+
+def latency_table(rows: list, markdown: bool = False) -> str:
+    """Table of :func:`compare_latency` rows with FLOPs and latency ratios to the first model."""
+    from .tables import format_table
+
+    b = rows[0]
+    table = [[r["model"], r["params"], f"{r['gflops']:.2f}", f"{r['gflops'] / b['gflops']:.2f}",
+              f"{r['median_ms']:.1f}", f"{r['median_ms'] / b['median_ms']:.2f}"] for r in rows]
+    return format_table(["model", "params", "GFLOPs", "FLOPs ratio", "latency ms", "latency ratio"], table,
+                        markdown=markdown)

@@ -34,7 +34,8 @@ def run(args):
     out = Path(args.out) if args.out else default_onnx_path(args.weights or Path(args.cfg).stem)
     export_onnx(model, out, args.imgsz, dynamic=args.dynamic, opset=args.opset)
     diff = onnx_parity(model, out, args.imgsz)
-    print(f"exported {out} ({out.stat().st_size / 1e6:.1f} MB); onnxruntime vs torch max abs diff {diff:.2e}")
+    print(f"exported {out} ({out.stat().st_size / 1e6:.1f} MB); onnxruntime vs torch max abs diff {diff:.2e} "
+          f"(boxes / imgsz, scores)")
     if diff > 1e-4:
         print(f"warning: max abs difference {diff:.2e} exceeds 1e-4")
         return 1
