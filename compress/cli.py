@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "train",
     "val",
     "prune",
+    "slim",
     "export",
     "bench",
     "run",

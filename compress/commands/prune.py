@@ -4,12 +4,12 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from ..fileio import atomic_path
 from ..model.artifact import load_model, save_model
 from ..model.profile import check_imgsz
 from ..prune import (
     apply_plan_to_model, channel_groups, group_scores, keep_counts_for_ratio, plan_from_counts,
 )
+from ..prune.report import groups_summary, layer_rows, plot_channels
 from ..tables import format_table
 from .common import add_model_args, add_out_arg, out_dir
 
@@ -83,9 +83,7 @@ def run(args):
         "params_before": p0, "params": p1,
         "gflops_before": g0, "gflops": g1,
         "flops_kept": g1 / g0, "flops_removed": 1 - g1 / g0,
-        "groups": {g.name: {"kept": counts.get(g.name, g.size), "size": g.size, "layers": list(g.layers),
-                            **({} if g.prunable else {"not_pruned": g.reason})}
-                   for g in cg.groups if g.modules},
+        "groups": groups_summary(cg, counts),
         "layers": [dict(zip(headers, r)) for r in rows],
     }
     save_model(pruned, out, report=report)
@@ -95,44 +93,3 @@ def run(args):
           f"asked to remove {args.ratio:.1%}), params {p0:,} -> {p1:,}")
     print(f"wrote {out} (model.yaml, weights.pt, report.json, channels.png)")
     return 0
-
-
-def layer_rows(cg, cm, counts, before, after):
-    """Per-layer rows: output channels, channels of all its convs, params and GFLOPs, before -> after."""
-    def width(layout, c):
-        return sum(c.get(cg.groups[g].name, cg.groups[g].size) for g in layout)
-
-    rows = []
-    for i, (typ, lay) in enumerate(zip(cg.layer_types, cg.layer_out)):
-        ch = "-" if typ == "Detect" else f"{width(lay, {})} -> {width(lay, counts)}"
-        conv = f"{before['channels'][i]} -> {after['channels'][i]}" if before["channels"][i] else "-"
-        rows.append([i, typ, ch, conv, int(before["params"][i]), int(after["params"][i]),
-                     round(float(before["gflops"][i]), 4), round(float(after["gflops"][i]), 4)])
-    headers = ["layer", "module", "ch out", "conv channels", "params before", "params after",
-               "GFLOPs before", "GFLOPs after"]
-    return headers, rows
-
-
-def plot_channels(cg, counts, path) -> None:
-    """Bar chart (PNG) of original vs kept channels of every prunable group, in model order."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    groups = cg.prunable
-    names = [g.name.removeprefix("model.") for g in groups]
-    size = [g.size for g in groups]
-    kept = [counts.get(g.name, g.size) for g in groups]
-    fig = Figure(figsize=(max(8, 0.18 * len(groups) + 2), 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    x = range(len(groups))
-    ax.bar(x, size, color="#cccccc", label="original")
-    ax.bar(x, kept, color="#1f77b4", label="kept")
-    ax.set_xticks(list(x))
-    ax.set_xticklabels(names, rotation=90, fontsize=6)
-    ax.set_ylabel("channels")
-    ax.set_title("channels kept per group (named by the conv that produces them)")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)

@@ -70,7 +70,7 @@ class Callback:
         """After the optimizer, loaders and EMA exist."""
 
     def on_before_step(self, trainer):
-        """After backward (gradients unscaled) and before each optimizer step."""
+        """After backward (gradients unscaled and clipped) and before each optimizer step."""
 
     def on_epoch_end(self, trainer, record: dict):
         """After validation; ``record`` is the results.csv row (add keys to log more)."""
@@ -219,6 +219,8 @@ class Trainer:
                 nc=self.data["nc"], prefix="val: ")
         self.loss_fn = ComputeLoss(de_parallel(self.model),
                                    scale_hyp_for_model(hyp, self.nl, self.data["nc"], o.imgsz))
+        if o.sync_bn and self.world > 1 and self.device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on CPU)")
         if o.sync_bn and self.world > 1:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.ema = ModelEMA(self.model) if (self.main and self.use_ema) else None
@@ -273,9 +275,11 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 if ni - last_opt_step >= self.accumulate_cur or i == nb - 1:
                     self.scaler.unscale_(self.optimizer)
+                    # clip first, so that a callback's own gradient term (e.g. the sparsity L1) is not
+                    # scaled down with the loss gradients
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
                     for cb in self.callbacks:
                         cb.on_before_step(self)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                     self.optimizer.zero_grad()
