@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "train",
     "val",
     "prune",
+    "eagleeye",
     "slim",
     "export",
     "bench",

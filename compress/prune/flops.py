@@ -84,6 +84,13 @@ class CostModel:
         c_out, c_in = self._terms(x)
         return float(self.mac_w @ (c_out * c_in) + self.bn_w @ c_out + self.up_w @ (self.a_up @ x))
 
+    def macs_batch(self, X) -> np.ndarray:
+        """MACs of many full count vectors at once (rows of a (B, groups) array), as :meth:`macs`."""
+        X = np.asarray(X, dtype=np.float64)
+        c_out = X @ self.a_out.T + self.b_out
+        c_in = X @ self.a_in.T + self.b_in
+        return (c_out * c_in) @ self.mac_w + c_out @ self.bn_w + (X @ self.a_up.T) @ self.up_w
+
     def gflops(self, counts=None) -> float:
         """GFLOPs = 2 x MACs / 1e9, as :func:`compress.model.profile.profile` reports."""
         return 2 * self.macs(counts) / 1e9

@@ -1,0 +1,323 @@
+"""EagleEye search: speed against the compute floor, and (with --quality) accuracy after fine-tuning.
+
+Speed (default)::
+
+    python benchmarks/eagleeye.py [--cfg yolov5n | --weights W] [--data D] --candidates 20 --imgsz 320 \\
+        --bn-batches 20 --eval-batches 10 --batch 32 --out runs/bench/eagleeye
+
+  Runs the search (the library function ``compress eagleeye`` calls) and compares its wall seconds per
+  candidate with the compute floor: the adaptive-BN forward passes plus the evaluation forward passes of one
+  candidate measured alone (median over a few of the search's candidates, after a warm-up). Also the share
+  of sampled strategies inside the FLOPs window and the sampler's cost, over --strategies strategies.
+  Without --data a synthetic dataset just large enough for the batches is made in --out.
+
+Quality (--quality, needs a trained --weights and --data)::
+
+    python benchmarks/eagleeye.py --quality --weights runs/train/exp --data data.yaml --candidates 200 \\
+        --epochs 30 --corr-n 5 --corr-epochs 5 --imgsz 320 --out runs/bench/eagleeye-q
+
+  Searches at --remain-ratio, fine-tunes the best with train(); prunes uniformly (same channel ratio in every
+  group, L1 ranking) to the same FLOPs and fine-tunes that the same way; prints params, GFLOPs,
+  onnxruntime latency and mAP@0.5 / mAP@0.5:0.95 on the full val split for base, best and uniform before
+  and after fine-tuning; then fine-tunes --corr-n candidates spread over the score range for --corr-epochs
+  and prints the Spearman rank correlation between their adaptive-BN score and fine-tuned mAP. Every
+  finished step in --out is reused when the script is run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compress.engine.trainer import select_device  # noqa: E402
+from compress.fileio import write_json  # noqa: E402
+from compress.prune.eagleeye import (  # noqa: E402
+    EagleEyeOptions, load_search_model, make_scorer, read_candidates, search, strategy_stats,
+)
+from compress.tables import format_table  # noqa: E402
+
+
+def options(a, out, **kw) -> EagleEyeOptions:
+    o = EagleEyeOptions(data=str(a.data), weights=a.weights, cfg=a.cfg, remain_ratio=a.remain_ratio,
+                        candidates=a.candidates, delta=a.delta, bn_batches=a.bn_batches, eval_batches=a.eval_batches,
+                        batch=a.batch, metric=a.metric, top_k=a.top_k, seed=a.seed, imgsz=a.imgsz, out=str(out),
+                        workers=a.workers, device=a.device, progress=not a.no_progress)
+    for k, v in kw.items():
+        setattr(o, k, v)
+    return o
+
+
+def synth_data(a, out: Path) -> Path:
+    from compress.data.synth import make_synthetic_dataset
+
+    target = out / "data"
+    if (target / "data.yaml").is_file():
+        return target / "data.yaml"
+    print(f"synthesizing {a.bn_batches * a.batch} train / {a.eval_batches * a.batch} val images into {target}")
+    return make_synthetic_dataset(target, n_train=a.bn_batches * a.batch, n_val=a.eval_batches * a.batch,
+                                  imgsz=a.imgsz, classes=4, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------ speed
+def floor_seconds(scorer, model) -> dict:
+    """Seconds of the pure compute of one candidate: adaptive-BN forward passes + eval forward passes."""
+    sync = torch.cuda.synchronize if scorer.device.type == "cuda" else (lambda: None)
+    t = time.perf_counter()
+    scorer.recalibrate(model)
+    sync()
+    bn = time.perf_counter() - t
+    t = time.perf_counter()
+    with torch.no_grad():
+        for imgs, *_ in scorer.val_batches:
+            model(imgs.float() / 255)
+    sync()
+    return {"bn": bn, "eval_fwd": time.perf_counter() - t}
+
+
+def speed(a):
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not a.data:
+        a.data = synth_data(a, out)
+    o = options(a, out / "search")
+    model, data, cg, sampler = load_search_model(o)
+
+    st = strategy_stats(sampler, a.seed, a.strategies)
+    t = time.perf_counter()
+    rep = search(o)
+    total = time.perf_counter() - t
+
+    # the floor, on a few of the search's own candidates (each measured alone, after one warm-up pass)
+    scorer = make_scorer(o, model, cg, data, select_device(o.device))
+    recs = [r for r in read_candidates(out / "search" / "candidates.jsonl") if r["status"] == "ok"]
+    pick = [recs[int(i)] for i in np.linspace(0, len(recs) - 1, min(a.floor_n, len(recs)))]
+    parts = {"build": [], "bn": [], "eval_fwd": [], "eval_total": []}
+    floor_seconds(scorer, scorer.build(pick[0]["counts"]))  # warm-up
+    for r in pick:
+        t = time.perf_counter()
+        m = scorer.build(r["counts"])
+        parts["build"].append(time.perf_counter() - t)
+        f = floor_seconds(scorer, m)
+        parts["bn"].append(f["bn"])
+        parts["eval_fwd"].append(f["eval_fwd"])
+        t = time.perf_counter()
+        scorer.evaluate(m)
+        parts["eval_total"].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    floor = med["bn"] + med["eval_fwd"]
+    wall = rep["wall_seconds_per_candidate"]
+    rows = [
+        ["candidates searched", rep["sampled"], ""],
+        ["share of sampled strategies evaluated (search)", f"{rep['evaluated_share']:.1%}", ""],
+        [f"share inside the FLOPs window ({st['n']} strategies)", f"{st['share']:.1%}",
+         f"FLOPs ratio {st['min_ratio']:.4f}..{st['max_ratio']:.4f}"],
+        ["sampler: ms per strategy", f"{st['us_per_strategy'] / 1e3:.2f}", "cost model only, no build"],
+        ["build pruned model (apply plan + Model + load), s", f"{med['build']:.3f}", "median"],
+        ["adaptive BN forward passes, s", f"{med['bn']:.3f}", f"{a.bn_batches} x {a.batch} images"],
+        ["eval forward passes, s", f"{med['eval_fwd']:.3f}", f"{a.eval_batches} x {a.batch} images"],
+        ["eval incl. NMS + metrics, s", f"{med['eval_total']:.3f}", ""],
+        ["compute floor (BN + eval forwards), s", f"{floor:.3f}", ""],
+        ["search wall s per candidate", f"{wall:.3f}", f"total {total:.1f} s incl. loading and outputs"],
+        ["wall / floor", f"{wall / floor:.2f}x", "target <= 1.2x"],
+    ]
+    dev = o.device if o.device != "cpu" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"\nEagleEye speed: {a.weights or a.cfg} at {a.imgsz}px, remain {a.remain_ratio} +- {a.delta}, {dev}")
+    print(format_table(["measure", "value", "note"], rows))
+    res = {"sampled": rep["sampled"], "evaluated_share": rep["evaluated_share"], "window": st,
+           "median_seconds": med, "floor_seconds": floor, "wall_seconds_per_candidate": wall,
+           "wall_over_floor": wall / floor, "search_seconds": total}
+    write_json(out / "speed.json", res)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ quality
+def spearman(x, y) -> float:
+    """Spearman rank correlation (average ranks for ties), numpy only."""
+    def ranks(v):
+        v = np.asarray(v, dtype=np.float64)
+        order = np.argsort(v, kind="mergesort")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=np.float64)
+        _, inv, cnt = np.unique(v, return_inverse=True, return_counts=True)
+        sums = np.bincount(inv, r)
+        return sums[inv] / cnt[inv]
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def finetune(a, weights, out: Path, epochs: int) -> Path:
+    """Fine-tune an artifact with the trainer (skipped when ``out`` holds a finished run)."""
+    from compress.engine.trainer import TrainOptions, train
+
+    rep = out / "report.json"
+    if rep.is_file() and json.loads(rep.read_text()).get("final_epoch"):
+        return out
+    train(TrainOptions(data=str(a.data), weights=str(weights), epochs=epochs, imgsz=a.imgsz, batch=a.ft_batch,
+                       device=a.device, workers=a.workers, out=str(out), seed=a.seed, progress=not a.no_progress))
+    return out
+
+
+def _key(path) -> str:
+    """Cache key of an artifact: its path and the time its weights were written (a re-run step invalidates it)."""
+    p = Path(path)
+    w = p / "weights.pt" if p.is_dir() else p
+    return f"{p}@{w.stat().st_mtime_ns if w.exists() else 0}"
+
+
+def full_val(a, path, cache: dict) -> dict:
+    """mAP on the whole val split (the same evaluate() the trainer and `compress val` use), cached by path."""
+    from compress.data.dataset import create_dataloader, load_data_yaml
+    from compress.engine.trainer import select_device
+    from compress.engine.validate import evaluate, torch_predictor
+    from compress.model.artifact import load_model
+
+    key = _key(path)
+    if key not in cache:
+        data = load_data_yaml(a.data)
+        loader, _ = create_dataloader(data["val"], a.imgsz, a.batch, augment=False, workers=a.workers, nc=data["nc"])
+        res = evaluate(torch_predictor(load_model(path), select_device(a.device)), loader, data["nc"], data["names"],
+                       progress=False)
+        cache[key] = {"map50": res["map50"], "map": res["map"]}
+    return cache[key]
+
+
+def latency(a, path, cache: dict) -> float:
+    from compress.export import export_onnx, onnx_latency
+    from compress.model.artifact import load_model
+
+    key = "latency:" + _key(path)
+    if key not in cache:
+        onnx = export_onnx(load_model(path), Path(a.out) / "onnx" / (Path(path).name + ".onnx"), a.imgsz)
+        cache[key] = onnx_latency(onnx, a.imgsz, runs=a.runs, threads=a.threads)["median_ms"]
+    return cache[key]
+
+
+def quality(a):
+    from compress.model.artifact import load_model, save_model
+    from compress.model.profile import profile
+    from compress.prune import apply_plan_to_model, keep_counts_for_ratio, plan_from_counts
+
+    if not a.weights or not a.data:
+        raise SystemExit("--quality needs a trained --weights and --data")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_f = out / "quality_cache.json"
+    cache = json.loads(cache_f.read_text()) if cache_f.is_file() else {}
+
+    def save_cache():
+        write_json(cache_f, cache)
+
+    # 1. the search (reused when its report exists, resumed when it was interrupted)
+    o = options(a, out / "search", resume=True)
+    if not (out / "search" / "report.json").is_file():
+        search(o)
+    srep = json.loads((out / "search" / "report.json").read_text())
+    model, data, cg, sampler = load_search_model(o)
+    scorer = make_scorer(o, model, cg, data, select_device(o.device))
+
+    # 2. uniform channel ratio at the same FLOPs budget, L1 ranking, same adaptive BN
+    uni = out / "uniform"
+    if not (uni / "report.json").is_file():
+        counts = keep_counts_for_ratio(cg, a.remain_ratio, a.imgsz, scorer.scores, mode="uniform")
+        m = apply_plan_to_model(model, plan_from_counts(cg, counts, scorer.scores), cg)
+        scorer.recalibrate(m)
+        res = scorer.evaluate(m)
+        save_model(m, uni, {"stage": "uniform", "imgsz": a.imgsz, "gflops": sampler.cm.gflops(counts),
+                            "flops_ratio": sampler.cm.macs(counts) / sampler.base_macs,
+                            "subset_map50": res["map50"], "subset_map": res["map"]})
+    # 3. fine-tune both the same way
+    ft_best = finetune(a, out / "search", out / "ft_best", a.epochs)
+    ft_uni = finetune(a, uni, out / "ft_uniform", a.epochs)
+
+    rows = []
+    steps = (("base", a.weights, a.weights), ("EagleEye best (adaptive BN)", out / "search", out / "search"),
+             ("EagleEye best, fine-tuned", ft_best, out / "search"),
+             ("uniform L1 (adaptive BN)", uni, uni), ("uniform L1, fine-tuned", ft_uni, uni))
+    for name, path, arch in steps:  # latency depends on the architecture only: measured before fine-tuning
+        prof = profile(load_model(path), a.imgsz)
+        lat = latency(a, arch, cache)
+        v = full_val(a, path, cache)
+        save_cache()
+        rows.append([name, prof["params"], f"{prof['gflops']:.3f}", f"{lat:.1f}", f"{v['map50']:.4f}",
+                     f"{v['map']:.4f}"])
+    print(f"\nEagleEye quality: remain {a.remain_ratio} of FLOPs, {srep['sampled']} candidates, fine-tune "
+          f"{a.epochs} epochs, mAP on the full val split at {a.imgsz}px, onnxruntime CPU {a.threads} threads")
+    print(format_table(["model", "params", "GFLOPs", "latency ms", "mAP50", "mAP50-95"], rows))
+
+    # 4. does the adaptive-BN score predict the fine-tuned accuracy?
+    recs = sorted((r for r in read_candidates(out / "search" / "candidates.jsonl") if r["status"] == "ok"),
+                  key=lambda r: r[a.metric])
+    pick = [recs[int(i)] for i in np.unique(np.linspace(0, len(recs) - 1, min(a.corr_n, len(recs))).round())]
+    corr_rows, xs, ys = [], [], []
+    for r in pick:
+        d = out / "corr" / str(r["index"])
+        if not (d / "init" / "report.json").is_file():
+            m, _ = scorer.score(r["counts"])
+            save_model(m, d / "init", {"stage": "eagleeye-candidate", "candidate": r["index"], "imgsz": a.imgsz})
+        ft = finetune(a, d / "init", d / "ft", a.corr_epochs)
+        v = full_val(a, ft, cache)
+        save_cache()
+        xs.append(r[a.metric])
+        ys.append(v[a.metric])
+        corr_rows.append([r["index"], f"{r['flops_ratio']:.4f}", f"{r[a.metric]:.4f}", f"{v[a.metric]:.4f}"])
+    rho = spearman(xs, ys) if len(xs) > 1 else float("nan")
+    print(f"\nadaptive-BN score vs mAP after {a.corr_epochs} fine-tune epochs ({a.metric}):")
+    print(format_table(["candidate", "FLOPs ratio", "adaptive-BN score", "fine-tuned"], corr_rows))
+    print(f"Spearman rank correlation: {rho:.3f} over {len(xs)} candidates")
+    write_json(out / "quality.json", {"rows": rows, "correlation": {"rows": corr_rows, "spearman": rho}})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quality", action="store_true", help="accuracy mode (needs a trained --weights and --data)")
+    ap.add_argument("--cfg", default=None, help="model YAML for the speed mode with random weights (default yolov5n)")
+    ap.add_argument("--weights", default=None)
+    ap.add_argument("--data", default=None, help="data.yaml (speed mode: synthesized in --out when omitted)")
+    ap.add_argument("--remain-ratio", type=float, default=0.6)
+    ap.add_argument("--delta", type=float, default=0.02)
+    ap.add_argument("--candidates", type=int, default=20)
+    ap.add_argument("--bn-batches", type=int, default=20)
+    ap.add_argument("--eval-batches", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--metric", default="map50", choices=["map50", "map"])
+    ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (and onnxruntime threads; default 2)")
+    ap.add_argument("--strategies", type=int, default=1000, help="speed: strategies for the window statistics")
+    ap.add_argument("--floor-n", type=int, default=3, help="speed: candidates whose compute floor is measured")
+    ap.add_argument("--epochs", type=int, default=30, help="quality: fine-tune epochs of best and uniform")
+    ap.add_argument("--ft-batch", type=int, default=16, help="quality: fine-tune batch size")
+    ap.add_argument("--corr-n", type=int, default=5, help="quality: candidates fine-tuned for the correlation")
+    ap.add_argument("--corr-epochs", type=int, default=5, help="quality: their fine-tune epochs")
+    ap.add_argument("--runs", type=int, default=50, help="quality: onnxruntime latency runs")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--out", default="runs/bench/eagleeye")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    a.threads = a.threads or 2
+    if not a.weights and not a.cfg:
+        a.cfg = "yolov5n.yaml"
+    from compress.errors import UserError
+
+    try:
+        quality(a) if a.quality else speed(a)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
