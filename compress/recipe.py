@@ -220,7 +220,8 @@ def run_recipe(path, out=None, smoke: bool = False, from_stage: int | None = Non
             write_json(done, {"key": key, "seconds": round(time.time() - t0, 1), "argv": argv})
         if st.name in PRODUCES_MODEL:
             current = {"weights": folder}
-        rows.append(_stage_row(st, folder, imgsz or recipe.get("imgsz") or 320, smoke))
+        rows.append(_stage_row(st, folder))
+    _add_latency(rows, imgsz or recipe.get("imgsz") or 320, runs=5 if smoke else 50)
     summary = {"recipe": str(path), "smoke": smoke, "out": str(out), "stages": rows}
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", summary_markdown(summary))
@@ -265,31 +266,29 @@ def _prepare_data(data, recipe_path: Path, out: Path, smoke: bool) -> Path:
     return path
 
 
-def _stage_row(st: Stage, folder: Path, imgsz: int, smoke: bool) -> dict:
+def _stage_row(st: Stage, folder: Path) -> dict:
     """params / GFLOPs / latency / mAP of what a stage produced (or measured)."""
     rep = {}
     f = folder / "report.json"
     if f.is_file():
         rep = json.loads(f.read_text())
-    if st.name in PRODUCES_MODEL and "latency_ms" not in rep:
-        rep["latency_ms"] = _latency(folder, rep.get("imgsz") or imgsz, runs=5 if smoke else 50)
     return {"stage": st.folder, "name": st.name, "folder": str(folder), "params": rep.get("params"),
             "gflops": rep.get("gflops"), "latency_ms": rep.get("latency_ms"), "map50": rep.get("map50"),
             "map": rep.get("map"), "seconds": _seconds(folder)}
 
 
-def _latency(folder: Path, imgsz: int, runs: int) -> float:
-    """onnxruntime CPU latency (ms, 2 threads) of an artifact, measured once and kept in latency.json."""
-    cache = folder / "latency.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())["median_ms"]
-    from .export import export_onnx, onnx_latency
+def _add_latency(rows: list, imgsz: int, runs: int) -> None:
+    """Fill ``latency_ms`` of every model a stage produced, measured side by side (interleaved rounds)."""
+    from .export import compare_latency
     from .model.artifact import load_model
 
-    onnx_path = export_onnx(load_model(folder), folder / "model.onnx", imgsz)
-    lat = onnx_latency(onnx_path, imgsz, runs=runs, threads=2)
-    write_json(cache, lat | {"imgsz": imgsz})
-    return lat["median_ms"]
+    todo = [r for r in rows if r["name"] in PRODUCES_MODEL and r["latency_ms"] is None]
+    if not todo:
+        return
+    print(f"\nonnxruntime latency of {len(todo)} stage models at {imgsz}px (2 threads, interleaved)")
+    lat = compare_latency({r["stage"]: load_model(r["folder"]) for r in todo}, imgsz, runs=runs, threads=2)
+    for r, m in zip(todo, lat):
+        r["latency_ms"] = m["median_ms"]
 
 
 def _seconds(folder):
