@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "prune",
     "eagleeye",
     "slim",
+    "qat",
     "export",
     "bench",
     "run",

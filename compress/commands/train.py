@@ -33,6 +33,10 @@ def add_train_args(p, epochs=100):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cos-lr", action="store_true", help="cosine LR schedule (default linear)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+    p.add_argument("--optimizer", default="SGD", choices=["SGD", "Adam", "AdamW"],
+                   help="optimizer (with Adam/AdamW use a smaller lr0, e.g. --hyp adamw-fast)")
+    p.add_argument("--nbs", type=int, default=64,
+                   help="nominal batch size: gradients are accumulated to it before each step (ultralytics 64)")
     p.add_argument("--patience", type=int, default=0, help="stop after this many epochs without improvement (0: off)")
 
 
@@ -80,7 +84,8 @@ def options_from_args(args, command="train"):
     return TrainOptions(data=args.data, cfg=args.cfg, weights=args.weights, epochs=args.epochs,
                         imgsz=args.imgsz, batch=args.batch, hyp=args.hyp, device=args.device,
                         workers=args.workers, out=str(out_dir(args, command)), seed=args.seed,
-                        cos_lr=args.cos_lr, sync_bn=args.sync_bn, patience=args.patience,
+                        cos_lr=args.cos_lr, sync_bn=args.sync_bn, patience=args.patience, nbs=args.nbs,
+                        optimizer=args.optimizer,
                         extra=sparsity_options(args))
 
 

@@ -52,7 +52,8 @@ def _read_yaml(path, what: str) -> dict:
 def load_hyp(path=None) -> dict:
     """Training hyperparameters: the shipped hyp.scratch-low.yaml defaults, overridden by ``path``.
 
-    ``path`` is a YAML file or a dict (or None for the defaults). Unknown keys, non-numbers, negative
+    ``path`` is a YAML file, the name of a shipped one (``adamw-fast`` for compress/data/hyp.adamw-fast.yaml)
+    or a dict (or None for the defaults). Unknown keys, non-numbers, negative
     values and probabilities above 1 raise UserError naming the file and key.
     """
     hyp = {k: float(v) for k, v in _read_yaml(HYP_FILE, "hyp").items()}
@@ -61,6 +62,9 @@ def load_hyp(path=None) -> dict:
     if isinstance(path, dict):
         user, src = path, "hyp"
     else:
+        shipped = HYP_FILE.parent / f"hyp.{path}.yaml"
+        if not Path(path).is_file() and shipped.is_file():
+            path = shipped  # a shipped name, e.g. --hyp adamw-fast
         user, src = _read_yaml(path, "hyp"), str(path)
     for k, v in user.items():
         if k not in hyp:

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..model.yolo import detect_head
 from .metrics import bbox_iou
 
 REQUIRED_HYP = ("box", "obj", "cls", "cls_pw", "obj_pw", "anchor_t")
@@ -76,17 +77,6 @@ class FocalLoss(nn.Module):
         return loss.mean() if self.reduction == "mean" else loss.sum() if self.reduction == "sum" else loss
 
 
-def _detect_head(model):
-    """The Detect module of a Model (possibly wrapped in DataParallel/DDP), or the Detect module itself."""
-    model = getattr(model, "module", model)
-    if hasattr(model, "anchors") and hasattr(model, "na"):
-        return model
-    try:
-        return model.model[-1]
-    except (AttributeError, TypeError, IndexError):
-        raise TypeError(f"ComputeLoss needs a YOLOv5 Model or its Detect head, got {type(model).__name__}") from None
-
-
 class ComputeLoss:
     """YOLOv5 v6 loss for a model's Detect head.
 
@@ -110,7 +100,7 @@ class ComputeLoss:
 
     def __init__(self, model, hyp: dict):
         self.hyp = _check_hyp(hyp)
-        det = _detect_head(model)
+        det = detect_head(model)
         self.det = det
         self.na, self.nc, self.nl = int(det.na), int(det.nc), int(det.nl)
         self.balance = BALANCE.get(self.nl, BALANCE_DEFAULT)

@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..fileio import load_tensors, save_torch, write_text, write_yaml
 from ..model.artifact import load_model, read_report, save_model
 from ..model.profile import check_imgsz, profile
+from ..model.yolo import detect_head
 from .loss import ComputeLoss, scale_hyp_for_model
 from .validate import evaluate, torch_predictor
 
@@ -45,13 +46,14 @@ class TrainOptions:
     epochs: int = 100
     imgsz: int = 320
     batch: int = 16
-    hyp: str | None = None
+    hyp: str | dict | None = None
     device: str = "cpu"
     workers: int = 2
     out: str = "runs/train/exp"
     seed: int = 0
     cos_lr: bool = False
     nbs: int = 64
+    optimizer: str = "SGD"
     sync_bn: bool = False
     patience: int = 0
     val_interval: int = 1
@@ -147,6 +149,19 @@ def param_groups(model, weight_decay: float):
             {"params": bn, "weight_decay": 0.0, "name": "bn"}]
 
 
+OPTIMIZERS = ("SGD", "Adam", "AdamW")
+
+
+def make_optimizer(name: str, groups, hyp):
+    """SGD (nesterov, ``momentum``) or Adam/AdamW (beta1 = ``momentum``), as ultralytics builds them."""
+    if name == "SGD":
+        return torch.optim.SGD(groups, lr=hyp["lr0"], momentum=hyp["momentum"], nesterov=True)
+    if name in ("Adam", "AdamW"):
+        cls = torch.optim.Adam if name == "Adam" else torch.optim.AdamW
+        return cls(groups, lr=hyp["lr0"], betas=(hyp["momentum"], 0.999))
+    raise UserError(f"--optimizer {name}: choose one of {', '.join(OPTIMIZERS)}")
+
+
 class Trainer:
     """One training run. Use :func:`train` unless a stage needs the object itself."""
 
@@ -192,23 +207,8 @@ class Trainer:
         self.parent_report = read_report(o.weights) if o.weights else {}
         check_imgsz(self.model, o.imgsz)
         self.model.to(self.device)
-        self.nl = self.model.model[-1].nl
         self.float_model = self.model  # what artifacts are written from (QAT swaps self.model)
-        for cb in self.callbacks:
-            cb.on_prepare(self)
-
         hyp = self.hyp
-        self.accumulate = max(round(o.nbs / (o.batch * self.world)), 1)
-        wd = hyp["weight_decay"] * o.batch * self.world * self.accumulate / o.nbs
-        self.optimizer = torch.optim.SGD(param_groups(self.model, wd), lr=hyp["lr0"],
-                                         momentum=hyp["momentum"], nesterov=True)
-        lrf = hyp["lrf"]
-        if o.cos_lr:
-            self.lf = lambda x: ((1 - math.cos(x * math.pi / o.epochs)) / 2) * (lrf - 1) + 1
-        else:
-            self.lf = lambda x: (1 - x / o.epochs) * (1.0 - lrf) + lrf
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
-
         self.train_loader, self.train_set = create_dataloader(
             self.data["train"], o.imgsz, o.batch, augment=True, hyp=hyp, workers=o.workers, shuffle=True,
             seed=o.seed, rank=self.rank, world_size=self.world, nc=self.data["nc"], prefix="train: ")
@@ -217,8 +217,21 @@ class Trainer:
             self.val_loader, _ = create_dataloader(
                 val_files, o.imgsz, o.batch * 2, augment=False, hyp=hyp, workers=o.workers, shuffle=False,
                 nc=self.data["nc"], prefix="val: ")
+        for cb in self.callbacks:
+            cb.on_prepare(self)
+
+        self.accumulate = max(round(o.nbs / (o.batch * self.world)), 1)
+        wd = hyp["weight_decay"] * o.batch * self.world * self.accumulate / o.nbs
+        self.optimizer = make_optimizer(o.optimizer, param_groups(self.model, wd), hyp)
+        lrf = hyp["lrf"]
+        if o.cos_lr:
+            self.lf = lambda x: ((1 - math.cos(x * math.pi / o.epochs)) / 2) * (lrf - 1) + 1
+        else:
+            self.lf = lambda x: (1 - x / o.epochs) * (1.0 - lrf) + lrf
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
+
         self.loss_fn = ComputeLoss(de_parallel(self.model),
-                                   scale_hyp_for_model(hyp, self.nl, self.data["nc"], o.imgsz))
+                                   scale_hyp_for_model(hyp, detect_head(self.model).nl, self.data["nc"], o.imgsz))
         if o.sync_bn and self.world > 1 and self.device.type != "cuda":
             raise UserError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on CPU)")
         if o.sync_bn and self.world > 1:
@@ -309,7 +322,11 @@ class Trainer:
         for j, g in enumerate(self.optimizer.param_groups):
             start = hyp["warmup_bias_lr"] if j == 0 else 0.0
             g["lr"] = float(np.interp(ni, xi, [start, g["initial_lr"] * self.lf(epoch)]))
-            g["momentum"] = float(np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]]))
+            mom = float(np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]]))
+            if "betas" in g:
+                g["betas"] = (mom, g["betas"][1])
+            else:
+                g["momentum"] = mom
 
     # ----------------------------------------------------------------------------------------- epoch end
     def eval_model(self):

@@ -274,6 +274,16 @@ def _out_stride(spec, s_in, strides):
     return s_in
 
 
+def detect_head(model) -> Detect:
+    """The Detect module of a model: a Model, a DDP-wrapped one, a QAT-prepared (traced) one, or Detect itself."""
+    if isinstance(model, Detect):
+        return model
+    for m in model.modules():
+        if isinstance(m, Detect):
+            return m
+    raise UserError(f"{type(model).__name__}: the model has no Detect head")
+
+
 class Model(nn.Module):
     """A YOLOv5 detector built from a YAML.
 
