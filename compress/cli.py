@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "export",
     "bench",
     "run",
+    "demo",
 ]
 
 

@@ -8,6 +8,7 @@ from compress.errors import UserError
 from compress.recipe import load_recipe, run_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES.append(Path(__file__).resolve().parents[1] / "compress" / "recipes" / "demo.yaml")
 
 
 def write(tmp_path, text):
