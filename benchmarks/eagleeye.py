@@ -163,7 +163,8 @@ def finetune(a, weights, out: Path, epochs: int) -> Path:
     if rep.is_file() and json.loads(rep.read_text()).get("final_epoch"):
         return out
     train(TrainOptions(data=str(a.data), weights=str(weights), epochs=epochs, imgsz=a.imgsz, batch=a.ft_batch,
-                       device=a.device, workers=a.workers, out=str(out), seed=a.seed, progress=not a.no_progress))
+                       device=a.device, workers=a.workers, out=str(out), seed=a.seed, progress=not a.no_progress,
+                       optimizer=a.optimizer, hyp=a.hyp, nbs=a.nbs))
     return out
 
 
@@ -303,6 +304,9 @@ def main(argv=None):
     ap.add_argument("--corr-n", type=int, default=5, help="quality: candidates fine-tuned for the correlation")
     ap.add_argument("--corr-epochs", type=int, default=5, help="quality: their fine-tune epochs")
     ap.add_argument("--runs", type=int, default=50, help="quality: onnxruntime latency runs")
+    ap.add_argument("--optimizer", default="SGD", choices=["SGD", "Adam", "AdamW"], help="fine-tuning optimizer")
+    ap.add_argument("--hyp", default=None, help="fine-tuning hyp YAML or shipped name (e.g. adamw-fast)")
+    ap.add_argument("--nbs", type=int, default=64, help="fine-tuning nominal batch size")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="runs/bench/eagleeye")
     a = ap.parse_args(argv)

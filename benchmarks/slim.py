@@ -24,6 +24,7 @@ latency (batch 1) and mAP@0.5 / mAP@0.5:0.95 on the whole val split. The table g
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 import time
 from pathlib import Path
@@ -114,6 +115,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base", default=None,
+                    help="a trained artifact to use as the base: the sparse model is then trained from it "
+                         "(--epochs of sparsity training) instead of both from scratch")
+    ap.add_argument("--optimizer", default="SGD", choices=["SGD", "Adam", "AdamW"])
+    ap.add_argument("--hyp", default=None, help="hyp YAML or shipped name (e.g. adamw-fast)")
+    ap.add_argument("--nbs", type=int, default=64)
     ap.add_argument("--out", default="runs/bench/slim")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -129,12 +136,20 @@ def main(argv=None):
 
     def opts(name, **kw):
         return TrainOptions(data=str(data_yaml), imgsz=args.imgsz, batch=args.batch, device=args.device,
-                            workers=args.workers, seed=args.seed, out=str(out / name), progress=False, **kw)
+                            workers=args.workers, seed=args.seed, out=str(out / name), progress=False,
+                            optimizer=args.optimizer, hyp=args.hyp, nbs=args.nbs, **kw)
 
     # the base run logs gamma statistics too (s = 0), so both histograms can be compared
     trainings = {"base": SparsityCallback(0.0), "sparse": SparsityCallback(args.sparsity, args.sparsity_schedule)}
-    for name, cb in trainings.items():
-        run_training(opts(name, cfg=cfg, epochs=args.epochs, extra=cb.options()), [cb])
+    if args.base:  # sparsity-train from a trained model, as slimming is usually applied in practice
+        if not (out / "base").exists():
+            shutil.copytree(args.base, out / "base")
+        cb = trainings["sparse"]
+        run_training(opts("sparse", weights=str(out / "base"), epochs=args.epochs, extra=cb.options()), [cb],
+                     parent=out / "base")
+    else:
+        for name, cb in trainings.items():
+            run_training(opts(name, cfg=cfg, epochs=args.epochs, extra=cb.options()), [cb])
 
     rows = []  # (label, artifact name, source, percent)
     for src in trainings:
