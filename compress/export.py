@@ -56,6 +56,9 @@ def ort_session(path, threads: int | None = None):
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # idle worker threads must not spin: with several sessions timed side by side, one session's spinning
+    # threads would steal the cores of the next
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
