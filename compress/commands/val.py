@@ -51,7 +51,8 @@ def run(args):
            **{k: v for k, v in res.items() if k != "records"}}
     write_json(out / "report.json", rep)
     if args.save_json:
-        files = to_coco_json(res["records"], data["names"], out)
-        print("COCO JSON: " + ", ".join(str(f) for f in files))
+        gt, pred = out / "ground_truth.json", out / "predictions.json"
+        to_coco_json(res["records"], gt, pred, names=data["names"])
+        print(f"COCO JSON: {gt}, {pred}")
     print(f"results saved to {out}")
     return 0

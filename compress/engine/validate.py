@@ -43,12 +43,17 @@ def evaluate(predict, batches, nc: int, names=None, conf_thres=0.001, iou_thres=
             t = targets[targets[:, 0] == si]
             gt_boxes = xywh2xyxy(t[:, 2:6] * torch.tensor([w, h, w, h], dtype=t.dtype))
             det = det.clone()
+            shape0 = (h, w)
             if shapes is not None and shapes[si] is not None:
                 shape0, ratio_pad = shapes[si]
                 scale_boxes((h, w), det[:, :4], shape0, ratio_pad)
                 scale_boxes((h, w), gt_boxes, shape0, ratio_pad)
-            metrics.update(det.cpu(), gt_boxes.cpu(), t[:, 1].cpu(), image_id=paths[si])
-    return metrics.compute()
+            metrics.update(det.cpu(), gt_boxes.cpu(), t[:, 1].cpu(), image_id=metrics.seen,
+                           file_name=str(paths[si]), height=int(shape0[0]), width=int(shape0[1]))
+    res = metrics.compute()
+    if keep_records:
+        res["records"] = metrics.records
+    return res
 
 
 def metrics_table(results: dict) -> str:
