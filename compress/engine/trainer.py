@@ -11,7 +11,6 @@ report.json), ``last/`` the last epoch's plus ``train_state.pt`` to resume, ``re
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import os
 import random
@@ -204,7 +203,6 @@ class Trainer:
             raise UserError(f"{o.data}: nc={self.data['nc']} but the model predicts {self.model.nc} classes "
                             f"(train from --cfg with the dataset's nc, or use matching weights)")
         self.model.names = list(self.data["names"])
-        self.parent_report = read_report(o.weights) if o.weights else {}
         check_imgsz(self.model, o.imgsz)
         self.model.to(self.device)
         self.float_model = self.model  # what artifacts are written from (QAT swaps self.model)
@@ -360,9 +358,9 @@ class Trainer:
                   f"mAP50 {res['map50']:.3f}  mAP50-95 {res['map']:.3f}")
         improved = fitness > self.best_fitness
         if improved:
-            self.best_fitness, self.best_epoch, self.best_metrics = fitness, epoch, res
+            self.best_fitness, self.best_epoch = fitness, epoch
         elif not hasattr(self, "best_epoch"):
-            self.best_epoch, self.best_metrics = epoch, res
+            self.best_epoch = epoch
         self._save(epoch, improved, res)
         _write_results(self.out, self.history)
 
@@ -414,7 +412,6 @@ class Trainer:
         self.start_epoch = st["epoch"] + 1
         self.best_fitness, self.best_epoch = st["best_fitness"], st["best_epoch"]
         self.history = list(st["history"])
-        self.best_metrics = None
         for _ in range(self.start_epoch):
             self.scheduler.step()
         torch.set_rng_state(st["rng"])
