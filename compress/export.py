@@ -48,7 +48,7 @@ def export_onnx(model, path, imgsz: int = 640, dynamic: bool = False, opset: int
 
 
 def ort_session(path, threads: int | None = None):
-    """An onnxruntime CPU session for ``path`` (``threads`` intra-op threads when given)."""
+    """An onnxruntime CPU session for ``path`` or serialized model bytes (``threads`` intra-op threads)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -59,7 +59,8 @@ def ort_session(path, threads: int | None = None):
     # idle worker threads must not spin: with several sessions timed side by side, one session's spinning
     # threads would steal the cores of the next
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    src = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
 def onnx_parity(model, path, imgsz: int, batch: int = 1, seed: int = 0) -> float:

@@ -97,11 +97,6 @@ def callbacks_from_options(extra: dict) -> list:
     return [cb] if cb else []
 
 
-def callbacks_from_args(args):
-    """Callbacks that CLI flags switch on (--sparsity adds the slimming L1 term)."""
-    return callbacks_from_options(sparsity_options(args))
-
-
 def saved_extra(run_dir) -> dict:
     """The ``extra`` options in a run folder's opt.yaml (``{}`` when it has none or is unreadable)."""
     import yaml

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..errors import UserError
 from ..fileio import load_tensors, save_torch, write_json, write_yaml
@@ -125,8 +124,3 @@ def _is_yaml(x) -> bool:
         return True
     p = Path(str(x))
     return p.suffix in (".yaml", ".yml") or (not p.exists() and not p.suffix)
-
-
-def cfg_text(model) -> str:
-    """The normal-form YAML text of a model (what ``model.yaml`` holds)."""
-    return yaml.safe_dump(model.yaml, sort_keys=False, default_flow_style=None, width=120)

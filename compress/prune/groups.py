@@ -189,12 +189,6 @@ class ChannelGroups:
                 out[k] = (d0, None)
         return out
 
-    def yaml_location(self, path) -> str:
-        """A readable form of a YAML path: ``layer 2 args[3]['m'][0][1]``."""
-        sec, row, *rest = path
-        i = row + (self.nb if sec == "head" else 0)
-        return f"layer {i} " + "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in rest)
-
 
 def channel_groups(model_or_cfg) -> ChannelGroups:
     """The channel groups of a built :class:`~compress.model.yolo.Model`, a YAML path or a cfg dict.

@@ -159,18 +159,15 @@ class OnnxDetector:
 
     def __init__(self, path, threads: int | None = None):
         import onnx
-        import onnxruntime as ort
+
+        from ..export import ort_session
 
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"{self.path}: no such ONNX file")
         model = onnx.load(str(self.path))
         upsample_to_resize(model)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.session = ort_session(model.SerializeToString(), threads)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..engine.trainer import Callback, Trainer, TrainOptions
-from ..engine.validate import evaluate, load_batches, metrics_table, torch_predictor
+from ..engine.validate import evaluate, load_batches, metrics_table
 from ..errors import UserError
 from ..export import onnx_latency
 from ..fileio import save_torch, write_json
@@ -29,11 +29,13 @@ class QATCallback(Callback):
         self.backend = backend
         self.calib = calib_batches
         self.prepared = None
-        self.ptq = None
+        self.float = self.ptq = None
 
     def on_prepare(self, trainer):
         trainer.use_ema = False  # the EMA of fake-quant weights would need its own quantizer ranges
         float_model = trainer.model
+        if trainer.main:
+            self.float = trainer.validate(float_model)
         t0 = time.time()
         self.prepared = prepare_qat(float_model, self.backend)
         n = calibrate(self.prepared, self.calib)
@@ -88,9 +90,8 @@ def run_qat(opts: TrainOptions, backend: str, calib_batches: int = 10, lr: float
                          prefix="calib: ")
     cb = QATCallback(backend, calib)
     trainer.callbacks.append(cb)
-    val = load_batches(data["val"], opts.imgsz, opts.batch * 2, None, data["nc"], shuffle=False, prefix="")
-    float_res = evaluate(torch_predictor(model), val, data["nc"], data["names"], desc="float")
     report = trainer.fit()
+    float_res, val = cb.float, trainer.val_loader
     prepared = cb.prepared.eval()
     out = Path(opts.out)
     print(f"deploying for {backend} ...")
@@ -102,7 +103,7 @@ def run_qat(opts: TrainOptions, backend: str, calib_batches: int = 10, lr: float
             ["PTQ (fake-quant)", cb.ptq["map50"], cb.ptq["map"]],
             [f"QAT {opts.epochs} ep (fake-quant)", report["qat_map50"], report["qat_map"]]]
     if "qdq_onnx" in files:
-        images = val[0][0][:8].float() / 255
+        images = next(iter(val))[0][:8].float() / 255
         diff = check_qdq_onnx(files["qdq_onnx"], prepared, images)
         onnx_res = evaluate(OnnxDetector(files["qdq_onnx"]), val, data["nc"], data["names"], desc="int8 onnx")
         lat = onnx_latency(files["qdq_onnx"], opts.imgsz, runs=20, threads=2)
