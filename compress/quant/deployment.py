@@ -8,7 +8,6 @@ deploy model) and returns decoded predictions like the float model's eval output
 """
 from __future__ import annotations
 
-import contextlib
 import operator
 import os
 import shutil
@@ -32,17 +31,6 @@ _ROLES = {
 _QDQ_FIXED_NAME = "onnx_quantized_model.onnx"  # mqbench/deploy/deploy_onnx_qlinear.py
 INPUT_NAME = "images"
 OUTPUT_NAME = "output0"
-
-
-@contextlib.contextmanager
-def _cwd(path):
-    # MQBench's passes may write beside the process's working directory; keep them in the scratch dir.
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def deploy_graph(prepared, head: str = "decoded"):
@@ -83,15 +71,16 @@ def deploy(prepared, backend: str, out_dir, imgsz, name: str = "model", head: st
     mqbench_compat.apply()
     from mqbench.convert_deploy import convert_deploy
 
-    out = Path(out_dir)
+    # Absolute paths: MQBench joins output_path with its file names, and the process's working directory
+    # is never changed (a relative --out used to be resolved twice and crash).
+    out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".qat-deploy-", dir=out))
     try:
         model = deploy_graph(prepared, head)
         outputs = [OUTPUT_NAME] if head == "decoded" else [f"output{i}" for i in range(detect_head(prepared).nl)]
-        with _cwd(tmp):
-            convert_deploy(model, pbp.BackendType[backend], {INPUT_NAME: [1, 3, h, w]}, output_path=str(tmp),
-                           model_name=name, deploy_to_qlinear=backend == "Tensorrt", output_names=outputs)
+        convert_deploy(model, pbp.BackendType[backend], {INPUT_NAME: [1, 3, h, w]}, output_path=str(tmp),
+                       model_name=name, deploy_to_qlinear=backend == "Tensorrt", output_names=outputs)
         if (tmp / _QDQ_FIXED_NAME).is_file():
             os.replace(tmp / _QDQ_FIXED_NAME, tmp / f"{name}_qdq.onnx")
         written = {}
