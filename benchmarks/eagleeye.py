@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.engine.trainer import select_device  # noqa: E402
 from compress.fileio import write_json  # noqa: E402
-from compress.prune.eagleeye import (  # noqa: E402
-    EagleEyeOptions, load_search_model, make_scorer, read_candidates, search, strategy_stats,
+from compress.prune.eagleeye import strategy_stats  # noqa: E402
+from compress.stages.eagleeye import (  # noqa: E402
+    EagleEyeOptions, load_search_model, make_scorer, read_candidates, run as search,
 )
 from compress.tables import format_table  # noqa: E402
 
@@ -88,15 +89,15 @@ def speed(a):
     if not a.data:
         a.data = synth_data(a, out)
     o = options(a, out / "search")
-    model, data, cg, sampler = load_search_model(o)
+    inp, data, sampler = load_search_model(o)
 
     st = strategy_stats(sampler, a.seed, a.strategies)
     t = time.perf_counter()
-    rep = search(o)
+    rep = search(o).to_dict()
     total = time.perf_counter() - t
 
     # the floor, on a few of the search's own candidates (each measured alone, after one warm-up pass)
-    scorer = make_scorer(o, model, cg, data, select_device(o.device))
+    scorer = make_scorer(o, inp, data, select_device(o.device))
     recs = [r for r in read_candidates(out / "search" / "candidates.jsonl") if r["status"] == "ok"]
     pick = [recs[int(i)] for i in np.linspace(0, len(recs) - 1, min(a.floor_n, len(recs)))]
     parts = {"build": [], "bn": [], "eval_fwd": [], "eval_total": []}
@@ -219,12 +220,13 @@ def quality(a):
         write_json(cache_f, cache)
 
     # 1. the search (reused when its report exists, resumed when it was interrupted)
-    o = options(a, out / "search", resume=True)
+    o = options(a, out / "search", resume=(out / "search" / "search.json").is_file())
     if not (out / "search" / "report.json").is_file():
         search(o)
     srep = json.loads((out / "search" / "report.json").read_text())
-    model, data, cg, sampler = load_search_model(o)
-    scorer = make_scorer(o, model, cg, data, select_device(o.device))
+    inp, data, sampler = load_search_model(o)
+    model, cg = inp.model, inp.groups
+    scorer = make_scorer(o, inp, data, select_device(o.device))
 
     # 2. uniform channel ratio at the same FLOPs budget, L1 ranking, same adaptive BN
     uni = out / "uniform"

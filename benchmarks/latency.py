@@ -11,7 +11,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.cli import main  # noqa: E402
+import argparse  # noqa: E402
+
+from compress.options import add_arguments  # noqa: E402
+from compress.stages.bench import BenchOptions, run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", "--weights", *sys.argv[1:]]))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", help="artifact dirs, weights files or model YAMLs (the first is the reference)")
+    add_arguments(ap, BenchOptions, skip=("weights", "cfg"))
+    args = ap.parse_args()
+    run(BenchOptions.from_args(args, weights=args.models))

@@ -11,6 +11,7 @@ step against a float step on the same batches, side by side (--step-backends).
 """
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -22,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.data.dataset import create_dataloader, load_data_yaml, load_hyp  # noqa: E402
 from compress.engine.loss import ComputeLoss, scale_hyp_for_model  # noqa: E402
-from compress.engine.trainer import TrainOptions, make_optimizer, param_groups  # noqa: E402
+from compress.engine.trainer import make_optimizer, param_groups  # noqa: E402
 from compress.export import compare_latency, onnx_latency  # noqa: E402
 from compress.model.artifact import load_model  # noqa: E402
 from compress.quant import calibrate, mark_no_decay, prepare_qat  # noqa: E402
-from compress.quant.stage import run_qat  # noqa: E402
+from compress.stages.qat import QATOptions, run as run_qat  # noqa: E402
 from compress.tables import format_table  # noqa: E402
 
 
@@ -73,9 +74,11 @@ def main():
         rep_file = run / "report.json"
         rep = json.loads(rep_file.read_text()) if rep_file.is_file() else {}
         if rep.get("stage") != "qat":
-            rep = run_qat(TrainOptions(data=a.data, weights=str(w), epochs=a.epochs, imgsz=a.imgsz, batch=a.batch,
-                                       workers=a.workers, out=str(run), progress=False),
-                          a.backend, a.calib_batches, a.lr)
+            if run.exists():
+                shutil.rmtree(run)
+            rep = run_qat(QATOptions(data=a.data, weights=str(w), epochs=a.epochs, imgsz=a.imgsz, batch=a.batch,
+                                     workers=a.workers, out=str(run), progress=False, backend=a.backend,
+                                     calib_batches=a.calib_batches, lr=a.lr)).to_dict()
         float_lat = compare_latency({"float": load_model(w)}, a.imgsz, runs=a.latency_runs, threads=a.threads)[0]
         q = rep.get("deploy", {}).get("qdq_onnx")
         q_lat = onnx_latency(q, a.imgsz, runs=a.latency_runs, threads=a.threads)["median_ms"] if q else None

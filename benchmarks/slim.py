@@ -31,16 +31,18 @@ from pathlib import Path
 
 import torch
 
-from compress.commands.train import callbacks_from_options, saved_extra
 from compress.data.dataset import create_dataloader, load_data_yaml
 from compress.data.synth import make_synthetic_dataset
-from compress.engine.trainer import STATE, TrainOptions, resume, save_options, select_device, train
+from compress.engine.trainer import STATE, TrainOptions, load_options, resume, save_options, select_device, train
 from compress.engine.validate import evaluate_model
 from compress.export import export_onnx, onnx_latency
 from compress.fileio import write_json, write_text
 from compress.model.artifact import load_model, read_report
 from compress.model.profile import profile
-from compress.prune.slim import SCHEDULES, SparsityCallback, slim
+from compress.prune.slim import SCHEDULES
+from compress.stages.slim import SlimOptions, run as run_slim
+from compress.stages.sparsity import SparsityCallback
+from compress.stages.train import callbacks_from_extra
 from compress.tables import format_table
 
 
@@ -68,7 +70,7 @@ def run_training(opts: TrainOptions, callbacks, parent: Path | None = None) -> N
         return
     if fresh and (run / "last" / STATE).is_file() and (run / "opt.yaml").is_file():
         print(f"[resume] {run}")
-        resume(run, callbacks_from_options(saved_extra(run)))
+        resume(run, callbacks_from_extra(load_options(run).extra))
         return
     save_options(opts)
     train(opts, callbacks)
@@ -161,9 +163,12 @@ def main(argv=None):
                     and newer(s_dir, out / src)):
                 print(f"[skip] {s_dir} is slimmed")
             else:
-                slim(out / src, data_yaml, p, round_to=args.round_to, imgsz=args.imgsz, batch=args.batch,
-                     bn_batches=args.bn_batches, eval_batches=args.eval_batches, workers=args.workers,
-                     device=args.device, seed=args.seed, out=s_dir)
+                if s_dir.exists():
+                    shutil.rmtree(s_dir)
+                run_slim(SlimOptions(weights=str(out / src), data=str(data_yaml), global_percent=p,
+                                     round_to=args.round_to, imgsz=args.imgsz, batch=args.batch,
+                                     bn_batches=args.bn_batches, eval_batches=args.eval_batches or "all",
+                                     workers=args.workers, device=args.device, seed=args.seed, out=str(s_dir)))
             run_training(opts(f_name, weights=str(s_dir), epochs=args.finetune_epochs), [], parent=s_dir)
             rows += [(f"{src} slim {p:g} (before fine-tune)", s_name, src, p),
                      (f"{src} slim {p:g} + fine-tune", f_name, src, p)]

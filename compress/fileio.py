@@ -1,4 +1,4 @@
-"""Atomic file writes and safe tensor loading shared by every stage."""
+"""Atomic file writes, safe tensor loading and run-folder checks shared by every stage."""
 from __future__ import annotations
 
 import contextlib
@@ -65,8 +65,16 @@ def load_tensors(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt / unsafe files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable weights file ({msg[:200]})") from None
+        text = " ".join(str(e).split())
+        if "weights_only" in text or "Unsupported global" in text or "Unsupported operand" in text:
+            why = ("it holds pickled objects, not only tensors (an ultralytics .pt? pass it as --weights "
+                   "alone, without --cfg)")
+        elif isinstance(e, (EOFError, RuntimeError, OSError)) and ("zip" in text or "archive" in text
+                                                                   or isinstance(e, EOFError)):
+            why = "truncated or corrupt"
+        else:
+            why = f"not a torch.save file of tensors: {text[:120] or type(e).__name__}"
+        raise UserError(f"{path}: not a readable weights file ({why})") from None
 
 
 def _json_default(o):
@@ -77,6 +85,85 @@ def _json_default(o):
     if isinstance(o, (set, tuple)):
         return list(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+UNFINISHED = ".unfinished.json"
+
+
+def check_output_dir(path, flag: str = "--out", taken=(), resume: bool = False) -> Path:
+    """Check, before any work, that ``path`` can become a run folder; returns it as a Path.
+
+    Refused with one line: a file at ``path``, a folder that already holds one of ``taken`` (a finished
+    artifact; allowed when ``resume``), or a place where nothing can be created. Nothing is written.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {path}: is a file, not a folder")
+    if p.is_dir() and not resume:
+        held = [n for n in taken if (p / n).exists()]
+        if held:
+            raise UserError(f"{flag} {path}: already holds a run ({held[0]}); give a new folder, or leave out "
+                            f"{flag} for a fresh runs/<command>/exp folder")
+    check_writable(p, flag)
+    return p
+
+
+def check_output_file(path, flag: str = "--out") -> Path:
+    """Check, before any work, that a file can be written at ``path`` (not a folder, a writable place)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name (e.g. {p / 'model.onnx'})")
+    check_writable(p.parent, flag, shown=path)
+    return p
+
+
+def check_writable(path, flag: str = "--out", shown=None) -> None:
+    """UserError unless a folder can be created at (or already exists and is writable at) ``path``.
+
+    Tries for real (a scratch folder made and removed in the nearest existing ancestor), since
+    permission bits say nothing for root or read-only mounts.
+    """
+    p = Path(path).absolute()
+    anc = p
+    while not anc.exists():
+        anc = anc.parent
+    shown = path if shown is None else shown
+    if not anc.is_dir():
+        raise UserError(f"{flag} {shown}: {anc} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".compress-write-check-", dir=anc))
+    except OSError as e:
+        raise UserError(f"{flag} {shown}: cannot write in {anc} ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def unfinished_run(folder, stage: str, enabled: bool = True, **info):
+    """Mark ``folder`` unfinished while a stage writes into it; the mark goes only when the stage succeeds.
+
+    A folder with the mark is refused as ``--weights`` (it may hold a partial artifact) and is what a
+    recipe rerun resumes. Yields the folder (created if needed). ``enabled=False`` (a torchrun process
+    other than rank 0) neither creates nor marks anything.
+    """
+    folder = Path(folder)
+    if not enabled:
+        yield folder
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / UNFINISHED, {"stage": stage, "pid": os.getpid(), **info})
+    yield folder
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(folder / UNFINISHED)
+
+
+def unfinished_stage(folder) -> str | None:
+    """The stage that left ``folder`` unfinished (crashed or still running), or None."""
+    f = Path(folder) / UNFINISHED
+    if not f.is_file():
+        return None
+    try:
+        return str(json.loads(f.read_text()).get("stage") or "?")
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return "?"
 
 
 def new_run_dir(command: str, name: str = "exp", root="runs") -> Path:

@@ -1,15 +1,16 @@
 """Recipes: a whole pipeline (dataset, starting model, ordered stages) in one YAML file.
 
-A stage's options are the CLI flags of the command it runs (``remain-ratio: 0.6`` is
-``--remain-ratio 0.6``), and the runner parses them with that command's own argparse parser and calls
-the command's own function, so a recipe and the CLI cannot drift apart. Each stage writes its artifact
-into ``OUT/<k>-<stage>/`` and the next stage reads it as ``--weights``; a finished stage is skipped when
-the recipe is run again (resume after a crash). At the end ``summary.md`` and ``summary.json`` gather
-params, GFLOPs, onnxruntime latency and mAP for every stage.
+A stage's options are its stage's option fields (``remain-ratio: 0.6`` is ``EagleEyeOptions.remain_ratio``,
+the same field the CLI flag ``--remain-ratio`` sets), read through the stage registry
+(:mod:`compress.stages`), so a recipe and the CLI cannot drift apart. :func:`check_recipe` checks
+everything before anything runs: keys, every option's value, the dataset, the starting model and
+whether each stage has the input it needs. Each stage writes its artifact into ``OUT/<k>-<stage>/`` and
+the next stage starts from it. Run again, a recipe skips finished stages and resumes an interrupted
+``train``/``finetune`` (from its last checkpoint) or ``eagleeye`` (from its candidates.jsonl) stage. At the
+end ``summary.md`` and ``summary.json`` gather params, GFLOPs, onnxruntime latency and mAP of every stage.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -20,45 +21,63 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .fileio import write_json, write_text
+from .fileio import unfinished_stage, write_json, write_text
+from .report import METRICS, Report
+from .stages import STAGES, StageSpec
 
-# stage name -> (command it runs, what it consumes: "model" a model artifact, "data" a dataset)
-STAGES = {
-    "train": "train",
-    "finetune": "train",
-    "slim": "slim",
-    "eagleeye": "eagleeye",
-    "prune": "prune",
-    "qat": "qat",
-    "export": "export",
-    "val": "val",
-    "bench": "bench",
-}
-# Stages whose output folder is a new model artifact (the next stage starts from it).
-PRODUCES_MODEL = {"train", "finetune", "slim", "eagleeye", "prune", "qat"}
-TOP_KEYS = {"name", "description", "data", "model", "imgsz", "stages", "smoke"}
+TOP_KEYS = {"name", "description", "data", "model", "imgsz", "stages"}
 SYNTH_KEYS = {"train", "val", "imgsz", "classes", "seed"}
+# Set by the runner, never by a recipe stage.
+RUNNER_KEYS = ("out", "weights", "data", "resume")
 
-# --smoke: the same stages at the size of a minute or two (applied only where a command has the flag).
-SMOKE = {"epochs": 1, "imgsz": 128, "batch": 8, "candidates": 4, "bn-batches": 2, "eval-batches": 2,
-         "calib-batches": 2, "runs": 3, "workers": 0, "top-k": 2}
+# --smoke: the same stages at the size of a minute or two (applied only where a stage has the option).
+SMOKE = {"epochs": 1, "batch": 8, "candidates": 4, "bn_batches": 2, "eval_batches": 2, "calib_batches": 2,
+         "runs": 3, "workers": 0, "top_k": 2}
+SMOKE_IMGSZ = 128
 SMOKE_DATA = {"train": 48, "val": 24, "imgsz": 128}
+DONE, STARTED = ".stage-done.json", ".stage-started.json"
 
 
 @dataclass
 class Stage:
-    """One parsed stage: its name, command, CLI options and the line it came from."""
+    """One parsed stage: its index, name, registry entry, recipe options and the line it came from."""
 
     index: int
     name: str
-    command: str
+    spec: StageSpec
     options: dict
     line: int | None = None
-    flags: frozenset = frozenset()  # option strings the stage's command accepts
+    where: str = ""
 
     @property
     def folder(self) -> str:
         return f"{self.index}-{self.name}"
+
+    @property
+    def fields(self) -> set:
+        return {f.name for f in self.spec.options.option_fields(cli_only=False)}
+
+    def build(self, data, current: dict, imgsz, folder) -> object:
+        """The stage's options for this run: the recipe's values plus input model, data, size and folder."""
+        fixed = {}
+        if "data" in self.fields:
+            fixed["data"] = str(data)
+        if self.spec.name == "bench":
+            fixed["weights"] = [str(current.get("weights") or current.get("cfg"))]
+        elif "weights" in current:
+            fixed["weights"] = str(current["weights"])
+        elif "cfg" not in self.options and "cfg" in self.fields:
+            fixed["cfg"] = current["cfg"]
+        if imgsz and "imgsz" not in self.options and "imgsz" in self.fields:
+            fixed["imgsz"] = int(imgsz)
+        if folder is not None:
+            fixed["out"] = str(Path(folder) / "model.onnx") if self.spec.name == "export" else str(folder)
+        try:
+            return self.spec.options.from_mapping(self.options, **fixed)
+        except KeyError as e:
+            raise UserError(f"{self.where}: stage '{self.name}' has no option '{e.args[0]}'") from None
+        except UserError as e:
+            raise UserError(f"{self.where}: {self.name}: {e}") from None
 
 
 def _lines(text):
@@ -73,46 +92,11 @@ def _lines(text):
     return {}
 
 
-def _flag(name: str) -> str:
-    return "--" + str(name).replace("_", "-")
-
-
-def _argv_for(options: dict) -> list:
-    argv = []
-    for k, v in options.items():
-        if isinstance(v, bool):
-            if v:
-                argv.append(_flag(k))
-        elif isinstance(v, list):
-            argv += [_flag(k), *map(str, v)]
-        elif v is not None:
-            argv += [_flag(k), str(v)]
-    return argv
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so recipe errors name the stage."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
-def _command_parsers():
-    from .cli import COMMAND_MODULES
-    import importlib
-
-    top = _Parser(prog="compress")
-    sub = top.add_subparsers(dest="command", parser_class=_Parser)
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"compress.commands.{name}").register(sub)
-    return {name: p for name, p in sub.choices.items()}
-
-
 def load_recipe(path, smoke: bool = False):
-    """Read and validate a recipe before anything runs; returns (recipe dict, list of Stage).
+    """Read a recipe and check every stage's options; returns ``(recipe dict, list of Stage)``.
 
-    Unknown top-level keys, stage names or options, options of the wrong type and a missing dataset
-    raise UserError naming the file, the stage (and its line) and the key.
+    Unknown top-level keys, stage names or options, options of the wrong type or out of range and a
+    missing dataset file raise UserError naming the file, the stage (and its line) and the key.
     """
     path = Path(path)
     if not path.is_file():
@@ -134,9 +118,13 @@ def load_recipe(path, smoke: bool = False):
     m = r["model"]
     if not isinstance(m, dict) or not ({"cfg", "weights"} & set(m)) or set(m) - {"cfg", "weights"}:
         raise UserError(f"{path}: 'model' must be a mapping with 'cfg' and/or 'weights'")
+    imgsz = r.get("imgsz")
+    if imgsz is not None and (isinstance(imgsz, bool) or not isinstance(imgsz, int) or imgsz < 32 or imgsz % 32):
+        raise UserError(f"{path}: imgsz {imgsz!r}: must be a positive multiple of 32")
     if not isinstance(r["stages"], list) or not r["stages"]:
         raise UserError(f"{path}: 'stages' must be a non-empty list")
-    lines, parsers, stages = _lines(text), _command_parsers(), []
+    lines, stages = _lines(text), []
+    has_weights = "weights" in m
     for i, entry in enumerate(r["stages"]):
         where = f"{path}: stage {i + 1}" + (f" (line {lines[i]})" if i in lines else "")
         if isinstance(entry, str):
@@ -144,84 +132,134 @@ def load_recipe(path, smoke: bool = False):
         if not isinstance(entry, dict) or len(entry) != 1:
             raise UserError(f"{where}: a stage is '- NAME: {{options}}'")
         (name, opts), = entry.items()
-        opts = dict(opts or {})
         if name not in STAGES:
             raise UserError(f"{where}: unknown stage '{name}' (stages: {', '.join(STAGES)})")
-        cmd = STAGES[name]
-        if cmd not in parsers:
-            raise UserError(f"{where}: stage '{name}' needs the '{cmd}' command, which this version lacks")
-        parser = parsers[cmd]
-        known = {s for a in parser._actions for s in a.option_strings}
+        if opts is not None and not isinstance(opts, dict):
+            raise UserError(f"{where}: the options of stage '{name}' must be a mapping, got {opts!r}")
+        spec = STAGES[name]
+        opts = {str(k): v for k, v in (opts or {}).items()}
         for k in opts:
-            if _flag(k) not in known or k in ("out", "weights", "data", "resume"):
-                raise UserError(f"{where}: stage '{name}' has no option '{k}'")
+            if k.replace("-", "_") in RUNNER_KEYS:
+                raise UserError(f"{where}: stage '{name}' has no option '{k}' (the recipe runner sets it)")
+        st = Stage(i + 1, name, spec, opts, lines.get(i), where)
         if smoke:
-            opts.update({k: v for k, v in SMOKE.items() if _flag(k) in known and k != "imgsz"})
-        st = Stage(i + 1, name, cmd, opts, lines.get(i), frozenset(known))
+            st.options.update({k: v for k, v in SMOKE.items() if k in st.fields})
+        if spec.needs_weights and not has_weights:
+            raise UserError(f"{where}: {name} has no trained model to start from: {spec.needs_weights}")
+        o = st.build("DATA.yaml", {"weights": "PREVIOUS"} if has_weights else {"cfg": m.get("cfg")},
+                     SMOKE_IMGSZ if smoke else imgsz, None)
         try:
-            parser.parse_args(stage_argv(st, "DATA.yaml", {"weights": "PREVIOUS"}, None, Path("OUT"))[1:])
+            o.validate()
         except UserError as e:
             raise UserError(f"{where}: {name}: {e}") from None
+        has_weights = has_weights or spec.produces_model
         stages.append(st)
+    return r, stages
+
+
+def check_recipe(path, smoke: bool = False):
+    """:func:`load_recipe` plus the files: the dataset (read and checked) and the starting model (loaded).
+
+    What ``compress run --check`` runs; returns the same ``(recipe, stages)``.
+    """
+    r, stages = load_recipe(path, smoke)
+    path = Path(path)
+    if isinstance(r["data"], str):
+        from .data.dataset import load_data_yaml
+
+        load_data_yaml(_rel(path, r["data"]))
+    m = r["model"]
+    from .model.artifact import load_model
+
+    try:
+        model = load_model(m.get("cfg"), _rel(path, m["weights"])) if "weights" in m else load_model(m["cfg"])
+    except UserError as e:
+        raise UserError(f"{path}: model: {e}") from None
+    from .model.profile import check_imgsz
+
+    size = SMOKE_IMGSZ if smoke else r.get("imgsz")
+    for st in stages:
+        s = st.options.get("imgsz", size)
+        if s is not None:
+            try:
+                check_imgsz(model, int(s))
+            except UserError as e:
+                raise UserError(f"{st.where}: {st.name}: {e}") from None
     return r, stages
 
 
 def _check_data(path, data):
     if isinstance(data, str):
-        p = (path.parent / data) if not Path(data).is_absolute() else Path(data)
-        if not p.is_file() and not Path(data).is_file():
+        if not _rel(path, data).is_file():
             raise UserError(f"{path}: data: no such dataset file '{data}'")
     elif isinstance(data, dict) and set(data) == {"synthetic"}:
+        from .data.synth import SHAPES
+
         syn = data["synthetic"] or {}
+        if not isinstance(syn, dict):
+            raise UserError(f"{path}: data.synthetic: expected a mapping of options, got {syn!r}")
         bad = set(syn) - SYNTH_KEYS
         if bad:
             raise UserError(f"{path}: data.synthetic: unknown option '{sorted(bad)[0]}' "
                             f"(allowed: {', '.join(sorted(SYNTH_KEYS))})")
+        limits = {"train": (1, None), "val": (1, None), "imgsz": (32, 4096), "classes": (1, len(SHAPES)),
+                  "seed": (0, None)}
         for k, v in syn.items():
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise UserError(f"{path}: data.synthetic.{k}: expected an integer, got {v!r}")
+            lo, hi = limits[k]
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+                span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+                raise UserError(f"{path}: data.synthetic.{k}: expected an integer {span}, got {v!r}")
     else:
         raise UserError(f"{path}: 'data' must be a data.yaml path or {{synthetic: {{...}}}}")
 
 
 def run_recipe(path, out=None, smoke: bool = False, from_stage: int | None = None) -> dict:
     """Run a recipe; returns the summary (also written as summary.json / summary.md in ``out``)."""
-    from .cli import build_parser
-
-    recipe, stages = load_recipe(path, smoke)
+    recipe, stages = check_recipe(path, smoke)
     name = recipe.get("name") or Path(path).stem
     out = Path(out or f"runs/recipes/{name}{'-smoke' if smoke else ''}")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder")
     if from_stage is not None and not 1 <= from_stage <= len(stages):
         raise UserError(f"--from-stage {from_stage}: the recipe has stages 1..{len(stages)}")
+    from .fileio import check_writable
+
+    check_writable(out)
+    out.mkdir(parents=True, exist_ok=True)
     data = _prepare_data(recipe["data"], Path(path), out, smoke)
-    imgsz = SMOKE["imgsz"] if smoke else recipe.get("imgsz")
+    imgsz = SMOKE_IMGSZ if smoke else recipe.get("imgsz")
     model_arg = recipe["model"]
-    current = {"weights": _rel(Path(path), model_arg["weights"])} if "weights" in model_arg else {"cfg": model_arg["cfg"]}
-    rows, parser, dirty = [], build_parser(), False
+    current = ({"weights": _rel(Path(path), model_arg["weights"]), "cfg": model_arg.get("cfg")}
+               if "weights" in model_arg else {"cfg": model_arg["cfg"]})
+    rows, dirty = [], False
     for st in stages:
         folder = out / st.folder
-        done = folder / ".stage-done.json"
-        argv = stage_argv(st, data, current, imgsz, folder)
-        key = hashlib.sha1(json.dumps(argv).encode()).hexdigest()
-        finished = done.is_file() and json.loads(done.read_text()).get("key") == key
-        if finished and not dirty and (from_stage is None or st.index < from_stage):
+        o = st.build(data, current, imgsz, folder)
+        key = hashlib.sha1(json.dumps(o.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+        if _done(folder, key) and not dirty and (from_stage is None or st.index < from_stage):
             print(f"[{st.index}/{len(stages)}] {st.name}: done before, skipped ({folder})")
         else:
             dirty = True  # every later stage consumes what this one writes
-            if folder.exists():
-                shutil.rmtree(folder)
-            print(f"\n[{st.index}/{len(stages)}] {st.name}: compress {' '.join(argv)}")
-            args = parser.parse_args(argv)
             t0 = time.time()
-            rc = args.func(args)
-            if rc:
-                raise UserError(f"stage {st.index} ({st.name}) failed with exit code {rc}")
-            write_json(done, {"key": key, "seconds": round(time.time() - t0, 1), "argv": argv})
-        if st.name in PRODUCES_MODEL:
+            resumed = _resumable(st, folder, key) if from_stage is None or st.index < from_stage else None
+            if resumed is not None:
+                print(f"\n[{st.index}/{len(stages)}] {st.name}: resuming the interrupted run in {folder}")
+                o = resumed(o)
+            else:
+                if folder.exists():
+                    shutil.rmtree(folder)
+                folder.mkdir(parents=True)
+                write_json(folder / STARTED, {"key": key})
+                print(f"\n[{st.index}/{len(stages)}] {st.name} -> {folder}")
+            try:
+                st.spec.run(o)
+            except UserError as e:
+                raise UserError(f"{st.where}: {st.name}: {e}") from None
+            write_json(folder / DONE, {"key": key, "seconds": round(time.time() - t0, 1)})
+        if st.spec.produces_model:
             current = {"weights": folder}
         rows.append(_stage_row(st, folder))
-    _add_latency(rows, imgsz or recipe.get("imgsz") or 320, runs=5 if smoke else 50)
+    _add_latency(rows, imgsz or 640, runs=5 if smoke else 50)
     summary = {"recipe": str(path), "smoke": smoke, "out": str(out), "stages": rows}
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", summary_markdown(summary))
@@ -230,20 +268,33 @@ def run_recipe(path, out=None, smoke: bool = False, from_stage: int | None = Non
     return summary
 
 
-def stage_argv(st: Stage, data, current: dict, imgsz, folder: Path) -> list:
-    """The ``compress`` command line a stage runs: its options plus data, input model and output folder."""
-    argv = [st.command]
-    argv += ["--data", str(data)] if "--data" in st.flags else []
-    argv += ["--weights", str(current["weights"])] if "weights" in current else ["--cfg", str(current["cfg"])]
-    if imgsz and "imgsz" not in st.options:
-        argv += ["--imgsz", str(imgsz)]
-    argv += _argv_for(st.options)
-    return argv + ["--out", str(folder / "model.onnx" if st.command == "export" else folder)]
+def _done(folder: Path, key: str) -> bool:
+    f = folder / DONE
+    try:
+        return f.is_file() and json.loads(f.read_text()).get("key") == key
+    except (json.JSONDecodeError, OSError):
+        return False
 
 
-def _rel(recipe_path: Path, p):
+def _resumable(st: Stage, folder: Path, key: str):
+    """How to resume an interrupted stage in ``folder`` with the same options (a function on its options),
+    or None when it must start over (another key, nothing to resume from, or a stage that cannot resume)."""
+    try:
+        started = json.loads((folder / STARTED).read_text()).get("key")
+    except (OSError, json.JSONDecodeError):
+        return None
+    if started != key or not unfinished_stage(folder):
+        return None
+    if st.spec.command == "train" and all((folder / f).is_file() for f in ("last/train_state.pt", "opt.yaml")):
+        return lambda o: type(o)(resume=str(folder), given=frozenset({"resume"}))
+    if st.spec.name == "eagleeye" and (folder / "search.json").is_file():
+        return lambda o: o.replace(resume=True)
+    return None
+
+
+def _rel(recipe_path: Path, p) -> Path:
     q = Path(p)
-    return q if q.is_absolute() or q.exists() else recipe_path.parent / q
+    return q if q.is_absolute() or q.exists() else Path(recipe_path).parent / q
 
 
 def _prepare_data(data, recipe_path: Path, out: Path, smoke: bool) -> Path:
@@ -267,14 +318,11 @@ def _prepare_data(data, recipe_path: Path, out: Path, smoke: bool) -> Path:
 
 
 def _stage_row(st: Stage, folder: Path) -> dict:
-    """params / GFLOPs / latency / mAP of what a stage produced (or measured)."""
-    rep = {}
-    f = folder / "report.json"
-    if f.is_file():
-        rep = json.loads(f.read_text())
-    return {"stage": st.folder, "name": st.name, "folder": str(folder), "params": rep.get("params"),
-            "gflops": rep.get("gflops"), "latency_ms": rep.get("latency_ms"), "map50": rep.get("map50"),
-            "map": rep.get("map"), "seconds": _seconds(folder)}
+    """params / GFLOPs / latency / mAP of what a stage produced (or measured), from its Report."""
+    rep = Report.read(folder) or Report(stage=st.name)
+    return {"stage": st.folder, "name": st.name, "folder": str(folder), "params": rep.params,
+            "gflops": rep.gflops, "flops_ratio": rep.flops_ratio, "latency_ms": rep.latency_ms, "map50": rep.map50,
+            "map": rep.map, "metric": rep.metric, "seconds": _seconds(folder)}
 
 
 def _add_latency(rows: list, imgsz: int, runs: int) -> None:
@@ -282,7 +330,7 @@ def _add_latency(rows: list, imgsz: int, runs: int) -> None:
     from .export import compare_latency
     from .model.artifact import load_model
 
-    todo = [r for r in rows if r["name"] in PRODUCES_MODEL and r["latency_ms"] is None]
+    todo = [r for r in rows if STAGES[r["name"]].produces_model and r["latency_ms"] is None]
     if not todo:
         return
     print(f"\nonnxruntime latency of {len(todo)} stage models at {imgsz}px (2 threads, interleaved)")
@@ -292,21 +340,25 @@ def _add_latency(rows: list, imgsz: int, runs: int) -> None:
 
 
 def _seconds(folder):
-    d = folder / ".stage-done.json"
+    d = folder / DONE
     return json.loads(d.read_text()).get("seconds") if d.is_file() else None
 
 
 def summary_markdown(summary: dict, markdown: bool = True) -> str:
-    """The summary table (one row per stage)."""
+    """The summary table (one row per stage), with a note naming the mAP definition it shows."""
     from .tables import format_table
 
     def f(v, fmt):
         return "" if v is None else format(v, fmt)
 
-    rows = [[r["stage"], f(r["params"], ","), f(r["gflops"], ".2f"), f(r["latency_ms"], ".1f"),
-             f(r["map50"], ".3f"), f(r["map"], ".3f"), f(r["seconds"], ".0f")] for r in summary["stages"]]
-    table = format_table(["stage", "params", "GFLOPs", "latency ms", "mAP50", "mAP50-95", "seconds"], rows,
-                         markdown=markdown)
+    rows = [[r["stage"], f(r["params"], ","), f(r["gflops"], ".3f"), f(r.get("flops_ratio"), ".3f"),
+             f(r["latency_ms"], ".1f"), f(r["map50"], ".3f"), f(r["map"], ".3f"), f(r["seconds"], ".0f")]
+            for r in summary["stages"]]
+    table = format_table(["stage", "params", "GFLOPs", "FLOPs ratio", "latency ms", "mAP50", "mAP50-95", "seconds"],
+                         rows, markdown=markdown)
+    metrics = sorted({r.get("metric") for r in summary["stages"] if r.get("metric")})
+    note = "mAP: " + ", ".join(METRICS.get(m, m) for m in metrics) if metrics else ""
     if not markdown:
-        return table
-    return f"# {Path(summary['recipe']).stem}{' (smoke)' if summary['smoke'] else ''}\n\n{table}\n"
+        return table + (f"\n{note}" if note else "")
+    title = f"# {Path(summary['recipe']).stem}{' (smoke)' if summary['smoke'] else ''}"
+    return f"{title}\n\n{table}\n" + (f"\n{note}\n" if note else "")

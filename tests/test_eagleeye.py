@@ -14,8 +14,9 @@ from compress.cli import main
 from compress.errors import UserError
 from compress.model.artifact import load_model
 from compress.prune import apply_plan, channel_groups, plan_from_counts
-from compress.prune.eagleeye import (
-    CandidateScorer, EagleEyeOptions, FlopsWindowSampler, load_search_model, make_scorer, read_candidates,
+from compress.prune.eagleeye import FlopsWindowSampler
+from compress.stages.eagleeye import (
+    CandidateScorer, EagleEyeOptions, load_search_model, make_scorer, read_candidates,
 )
 
 from conftest import tiny_cfg
@@ -91,9 +92,11 @@ def test_impossible_budget_is_a_user_error():
 
 def test_adaptive_bn_on_candidate_path_changes_statistics_not_weights(synth_data):
     torch.manual_seed(0)
-    o = EagleEyeOptions(data=str(synth_data), cfg=tiny_cfg(), imgsz=96, batch=8, bn_batches=2, eval_batches=1)
-    model, data, cg, sampler = load_search_model(o)
-    scorer = make_scorer(o, model, cg, data)
+    o = EagleEyeOptions(data=str(synth_data), cfg=tiny_cfg(), remain_ratio=0.6, imgsz=96, batch=8, bn_batches=2,
+                        eval_batches=1)
+    inp, data, sampler = load_search_model(o)
+    model, cg = inp.model, inp.groups
+    scorer = make_scorer(o, inp, data)
     assert isinstance(scorer, CandidateScorer)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     counts = sampler.sample(0, 3).counts
@@ -147,10 +150,10 @@ def test_search_outputs_and_report(runs):
     prof = profile(m, 96)
     assert prof["params"] == rep["params"] and prof["gflops"] == pytest.approx(rep["gflops"], rel=1e-9)
     # the artifact holds the BN-recalibrated weights: it scores what the search recorded
-    o = EagleEyeOptions(data=rep["options"]["data"], cfg=rep["options"]["cfg"], imgsz=96, batch=8, bn_batches=2,
-                        eval_batches=2)
-    model, data, cg, _ = load_search_model(o)
-    scorer = make_scorer(o, model, cg, data)
+    o = EagleEyeOptions(data=rep["options"]["data"], cfg=rep["options"]["cfg"], remain_ratio=0.6, imgsz=96, batch=8,
+                        bn_batches=2, eval_batches=2)
+    inp, data, _ = load_search_model(o)
+    scorer = make_scorer(o, inp, data)
     assert scorer.evaluate(m)["map50"] == pytest.approx(rep["map50"], abs=1e-9)
     top1 = torch.load(a / "top" / "1" / "weights.pt", weights_only=True)
     best_w = torch.load(a / "weights.pt", weights_only=True)

@@ -307,8 +307,8 @@ def test_save_and_resume_qat_state(tmp_path, runs):
 
 
 def test_resolve_backend():
-    assert resolve_backend("nnie") == "NNIE" and resolve_backend("TENSORRT") == "Tensorrt"
-    assert resolve_backend("tengine_U8") == "Tengine_u8"
+    assert resolve_backend("nnie").name == "NNIE" and resolve_backend("TENSORRT").name == "Tensorrt"
+    assert resolve_backend("tengine_U8").name == "Tengine_u8" and resolve_backend("tensorrt").qdq_onnx
     with pytest.raises(UserError, match="unknown QAT backend.*NNIE, Tensorrt"):
         resolve_backend("tflite")
     with pytest.raises(UserError, match="SiLU"):

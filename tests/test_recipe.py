@@ -75,3 +75,38 @@ def test_run_resume_and_summary(tmp_path, tiny_cfg_file):
 def test_shipped_recipe_runs_at_smoke_size(recipe, tmp_path):
     s = run_recipe(recipe, tmp_path / "out", smoke=True)
     assert s["stages"] and (tmp_path / "out" / "summary.md").is_file()
+
+
+CHECK_BASE = "data:\n  synthetic: {{train: 8, val: 4{syn}}}\nmodel:\n  {model}\nimgsz: {imgsz}\nstages:\n{stages}"
+
+
+@pytest.mark.parametrize("syn,model,imgsz,stages,msg", [
+    ("", "cfg: yolov5n", 64, "  - train: {epochs: 1}\n  - qat: {backend: FOO}\n",
+     "stage 2 (line 8): qat: --backend FOO: unknown QAT backend"),
+    ("", "cfg: yolov5n", 64, "  - eagleeye: {remain-ratio: 1.5}\n",
+     "stage 1 (line 7): eagleeye: --remain-ratio 1.5: must be in (0, 1]"),
+    ("", "cfg: yolov5n", 64, "  - train: {epochs: 1, imgsz: 33}\n", "stage 1 (line 7): train: --imgsz 33"),
+    ("", "cfg: yolov5n", 33, "  - train: {epochs: 1}\n", "imgsz 33: must be a positive multiple of 32"),
+    ("", "cfg: yolov5n", 64, "  - train: {epochs: 1}\n  - slim: {global-percent: 1.0}\n",
+     "stage 2 (line 8): slim: --global-percent 1.0: must be in [0, 1)"),
+    (", classes: 9", "cfg: yolov5n", 64, "  - train: {epochs: 1}\n",
+     "data.synthetic.classes: expected an integer 1..5"),
+    ("", "cfg: yolov5n", 64, "  - finetune: {epochs: 1}\n",
+     "stage 1 (line 7): finetune has no trained model to start from"),
+    ("", "cfg: yolov5n", 64, "  - qat: {backend: Tensorrt}\n",
+     "stage 1 (line 7): qat has no trained model to start from"),
+    ("", "cfg: yolov5n", 64, "  - train: {epochs: 1, optimizer: Lion}\n",
+     "train: --optimizer Lion: choose one of SGD"),
+    ("", "weights: UNREADABLE", 64, "  - val: {}\n", "r.yaml: model: "),
+    ("", "weights: UNREADABLE", 64, "  - val: {}\n", "garbage.pt: not a readable"),
+])
+def test_check_checks_values_files_and_inputs(tmp_path, syn, model, imgsz, stages, msg, capsys):
+    from compress.cli import main
+
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"\x80\x02not a checkpoint")
+    f = write(tmp_path, CHECK_BASE.format(syn=syn, model=model.replace("UNREADABLE", str(bad)), imgsz=imgsz,
+                                          stages=stages))
+    assert main(["run", str(f), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1, err

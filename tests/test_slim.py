@@ -13,8 +13,9 @@ from compress.model.artifact import load_model, save_model
 from compress.model.yolo import Model
 from compress.prune import apply_plan_to_model, channel_groups
 from compress.prune.slim import (
-    SparsityCallback, channel_scores, gamma_stats, not_sparse_warning, prunable_bn_keys, slim_plan, sparsity_at,
+    channel_scores, gamma_stats, not_sparse_warning, prunable_bn_keys, slim_plan, sparsity_at,
 )
+from compress.stages.sparsity import SparsityCallback
 
 from conftest import tiny_cfg
 
@@ -188,8 +189,9 @@ def test_cli_sparsity_train_slim_finetune(tmp_path, synth_data, tiny_cfg_file, c
 
     assert main(["slim", "--weights", str(t), "--global-percent", "0.5", "--bn-batches", "1",
                  "--eval-batches", "1", "--out", str(s), *common]) == 0
-    out = capsys.readouterr().out
-    assert "warning: the weights do not look sparsity-trained" in out  # 1 epoch: gammas are still near 1
+    cap = capsys.readouterr()
+    out = cap.out
+    assert "warning: the weights do not look sparsity-trained" in cap.err  # 1 epoch: gammas are still near 1
     assert "GFLOPs before" in out and "after BN recalibration" in out and f"wrote {s}" in out
     rep = json.loads((s / "report.json").read_text())
     for key in ("threshold", "channels_removed", "flops_ratio", "params_ratio", "gflops_before", "gflops",
@@ -216,8 +218,15 @@ def test_resume_rebuilds_the_sparsity_callback(tmp_path, monkeypatch, synth_data
 
     run = tmp_path / "run"
     got = {}
-    monkeypatch.setattr(trainer, "train", lambda opts, cbs: got.setdefault("train", cbs))
-    monkeypatch.setattr(trainer, "resume", lambda d, cbs: got.setdefault("resume", cbs))
+
+    def fake_train(opts, cbs, **kw):  # what a finished run leaves behind, so that --resume finds it
+        got.setdefault("train", cbs)
+        (run / "last").mkdir(parents=True, exist_ok=True)
+        (run / "last" / trainer.STATE).write_bytes(b"")
+        return {"stage": "train"}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    monkeypatch.setattr(trainer, "resume", lambda d, cbs, **kw: got.setdefault("resume", cbs) and {"stage": "train"})
     assert main(["train", "--cfg", str(tiny_cfg_file), "--data", str(synth_data), "--sparsity", "2e-3",
                  "--sparsity-warmup-epochs", "3", "--exclude", "0", "--out", str(run)]) == 0
     assert main(["train", "--resume", str(run)]) == 0

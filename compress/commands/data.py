@@ -1,14 +1,17 @@
 """``compress data``: write the synthetic dataset (``synth``) or check a data.yaml's images and labels."""
 from __future__ import annotations
 
+import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from ..data.dataset import YoloDataset, load_data_yaml
 from ..data.synth import SHAPES, make_synthetic_dataset
+from ..fileio import check_writable, new_run_dir
 from ..tables import format_table
-from .common import add_out_arg, out_dir
 
 
 def register(sub):
@@ -20,14 +23,14 @@ def register(sub):
     s = acts.add_parser("synth", help="write the synthetic YOLO-format shapes dataset",
                         description=f"Write a YOLO-format dataset of shapes ({', '.join(SHAPES)}) "
                                     "on cluttered backgrounds: images/, labels/ and data.yaml.")
-    add_out_arg(s)
-    s.set_defaults(name="synth")
-    s.add_argument("--train", type=int, default=800, help="number of train images")
-    s.add_argument("--val", type=int, default=200, help="number of val images")
-    s.add_argument("--imgsz", "--img", type=int, default=320, help="image size (pixels, square)")
-    s.add_argument("--classes", type=int, default=4, help=f"number of classes, 1..{len(SHAPES)}")
-    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
-    s.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image file format")
+    s.add_argument("--out", default=None, help="output folder (default: runs/data/synth, synth2, ...)")
+    s.add_argument("--name", default="synth", help=argparse.SUPPRESS)
+    s.add_argument("--train", type=int, default=800, help="number of train images (default: 800)")
+    s.add_argument("--val", type=int, default=200, help="number of val images (default: 200)")
+    s.add_argument("--imgsz", "--img", type=int, default=320, help="image size (pixels, square; default: 320)")
+    s.add_argument("--classes", type=int, default=4, help=f"number of classes, 1..{len(SHAPES)} (default: 4)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files; default: 0)")
+    s.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image file format (default: jpg)")
     s.set_defaults(func=run_synth)
     c = acts.add_parser("check", help="verify a data.yaml's images and labels and print a summary",
                         description="Verify every image and label of a data.yaml (writing the label cache) "
@@ -38,7 +41,10 @@ def register(sub):
 
 def run_synth(args):
     """Write the synthetic dataset and say where."""
-    out = out_dir(args, "data")
+    out = Path(args.out) if args.out else new_run_dir("data", args.name)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder")
+    check_writable(out)
     t0 = time.time()
     path = make_synthetic_dataset(out, n_train=args.train, n_val=args.val, imgsz=args.imgsz,
                                   classes=args.classes, seed=args.seed, fmt=args.format)

@@ -24,6 +24,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..fileio import write_json
+from ..log import note, warn
 from .augment import (augment_hsv, flip_lr, flip_ud, letterbox, mixup, random_perspective, xywhn2xyxy,
                       xyxy2xywhn)
 
@@ -297,6 +298,11 @@ def load_labels(im_files, label_files, use_cache: bool = True) -> tuple[list[dic
     return records, counts, how
 
 
+def _missing_labels_text(stats: dict) -> str:
+    """How many images had no label file at all (for messages about empty label sets)."""
+    return f"{stats.get('missing_labels', 0)} of {stats.get('images', 0)} images have no label file"
+
+
 # ------------------------------------------------------------------------------------------ dataset
 class YoloDataset(torch.utils.data.Dataset):
     """Images and labels of one split, letterboxed to ``imgsz``; with ``augment``, mosaic + affine + HSV + flips.
@@ -349,8 +355,12 @@ class YoloDataset(torch.utils.data.Dataset):
             print(self.summary)
         if not self.im_files:
             raise UserError(f"{prefix}none of the {len(img_files)} images is readable ({errors[0]})")
+        if verbose and not boxes:
+            warn(f"{prefix}no label file holds a box: all {len(self.im_files)} images are background, so a "
+                 f"detector learns nothing from them and mAP is 0; check that labels/ mirrors images/ with one "
+                 f"'class cx cy w h' line per box ({_missing_labels_text(self.stats)})")
         if self.augment and self.hyp["copy_paste"] and verbose:
-            print(f"{prefix}note: hyp copy_paste needs segment labels; these box labels are used as they are")
+            note(f"{prefix}hyp copy_paste needs segment labels; these box labels are used as they are")
 
     def _summary(self, how, errors) -> str:
         s = self.stats

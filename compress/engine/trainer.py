@@ -1,10 +1,10 @@
 """The one training loop of compress: training from scratch, fine-tuning, sparsity training and QAT.
 
 Stages differ only by callbacks (see :class:`Callback`): sparsity training adds a gradient term after
-backward, QAT swaps the model for a fake-quantized one on prepare, and so on. The loop follows
-ultralytics YOLOv5 (SGD with nesterov momentum and three parameter groups, warmup, cosine or linear LR,
-gradient accumulation to a nominal batch of 64, EMA, AMP on CUDA, validation every epoch) and writes
-its output in the artifact format: the run folder holds the best weights (model.yaml, weights.pt,
+backward, QAT trains a fake-quantized twin of the model and decides what is saved, and so on. The loop
+follows ultralytics YOLOv5 (SGD with nesterov momentum and three parameter groups, warmup, cosine or
+linear LR, gradient accumulation to a nominal batch of 64, EMA, AMP on CUDA, validation every epoch) and
+writes its output in the artifact format: the run folder holds the best weights (model.yaml, weights.pt,
 report.json), ``last/`` the last epoch's plus ``train_state.pt`` to resume, ``results.csv`` and
 ``results.png``.
 """
@@ -13,9 +13,8 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,47 +24,69 @@ from tqdm import tqdm
 
 from ..data.dataset import create_dataloader, load_data_yaml, load_hyp
 from ..errors import UserError
-from ..fileio import load_tensors, save_torch, write_text, write_yaml
+from ..fileio import load_tensors, new_run_dir, save_torch, write_json, write_text, write_yaml
+from ..log import warn
 from ..model.artifact import load_model, read_report, save_model
 from ..model.profile import check_imgsz, profile
 from ..model.yolo import detect_head
+from ..options import DataInput, DeviceOptions, ModelInput, OutputOptions, option
+from ..report import Report
+from .device import seed_everything, select_device  # noqa: F401  (select_device: re-exported)
 from .loss import ComputeLoss, scale_hyp_for_model
+from .metrics import fitness
 from .validate import evaluate, torch_predictor
 
 STATE = "train_state.pt"
+OPTIMIZERS = ("SGD", "Adam", "AdamW")
 
 
-@dataclass
-class TrainOptions:
-    """What ``compress train`` takes; every field has the CLI flag of the same name."""
+@dataclass(kw_only=True)
+class TrainOptions(ModelInput, DataInput, DeviceOptions, OutputOptions):
+    """What the training loop takes; the command-line fields are ``compress train``'s flags (ultralytics names)."""
 
-    data: str = ""
-    cfg: str | None = None
-    weights: str | None = None
-    epochs: int = 100
-    imgsz: int = 320
-    batch: int = 16
-    hyp: str | dict | None = None
-    device: str = "cpu"
-    workers: int = 2
-    out: str = "runs/train/exp"
-    seed: int = 0
-    cos_lr: bool = False
-    nbs: int = 64
-    optimizer: str = "SGD"
-    sync_bn: bool = False
-    patience: int = 0
-    val_interval: int = 1
-    max_val_images: int | None = None
-    progress: bool = True
-    extra: dict = field(default_factory=dict)  # options of the callbacks, recorded in the report
+    epochs: int = option(100, "training epochs")
+    batch: int = option(16, "batch size per process", flags=("--batch-size",))
+    hyp: str | dict | None = option(None, "hyperparameter YAML (ultralytics hyp.scratch-low keys) or a shipped name "
+                                          "(adamw-fast)", default_help="hyp.scratch-low")
+    seed: int = option(0, "random seed (python, numpy, torch, augmentation)")
+    cos_lr: bool = option(False, "cosine LR schedule (default linear)")
+    sync_bn: bool = option(False, "SyncBatchNorm under torchrun (CUDA only)")
+    optimizer: str = option("SGD", "optimizer (with Adam/AdamW use a smaller lr0, e.g. --hyp adamw-fast)",
+                            choices=OPTIMIZERS)
+    nbs: int = option(64, "nominal batch size: gradients are accumulated to it before each step (ultralytics 64)")
+    patience: int = option(0, "stop after this many epochs without improvement (0: off)")
+    val_interval: int = option(1, cli=False)
+    max_val_images: int | None = option(None, cli=False)
+    progress: bool = option(True, cli=False)
+    extra: dict = option({}, cli=False)  # options of the callbacks, recorded in opt.yaml and the report
+
+    def check(self):
+        super().check()
+        self.require_positive("epochs", "batch", "nbs", "val_interval")
+        self.require_non_negative("patience")
+        load_hyp(self.hyp)  # a bad hyp file is a user error before anything runs
 
 
 class Callback:
-    """Hooks into :class:`Trainer`; override the ones a stage needs. All receive the trainer."""
+    """Hooks into :class:`Trainer`; override the ones a stage needs. All receive the trainer.
+
+    The contract: the trainer owns the loop and every file it writes. A callback may
+
+    - train another model than the float one (:meth:`train_model`, e.g. QAT's fake-quantized twin),
+      and turn the EMA off (``uses_ema = False``);
+    - add a gradient term (:meth:`on_before_step`), log per epoch (:meth:`on_epoch_end`) and extend the
+      final report (:meth:`on_train_end`);
+    - decide what an artifact holds (:meth:`artifact`): its weights and extra tensor files.
+    """
+
+    uses_ema = True
 
     def on_prepare(self, trainer):
-        """After the model is built and moved to its device, before the optimizer exists (QAT swaps it here)."""
+        """After the model is built and moved to its device, before the optimizer exists."""
+
+    def train_model(self, trainer, model):
+        """The model to train instead of ``model`` (default: ``model`` itself)."""
+        return model
 
     def on_train_start(self, trainer):
         """After the optimizer, loaders and EMA exist."""
@@ -76,28 +97,15 @@ class Callback:
     def on_epoch_end(self, trainer, record: dict):
         """After validation; ``record`` is the results.csv row (add keys to log more)."""
 
+    def artifact(self, trainer) -> tuple:
+        """``(state_dict or None, {file name: tensors})`` an artifact holds: None keeps the float weights."""
+        return None, {}
+
     def on_save(self, trainer, out_dir: Path):
         """After an artifact is written (``out_dir`` is the run folder or ``last/``)."""
 
     def on_train_end(self, trainer, report: dict):
         """After training; ``report`` is the final report.json content (may be extended)."""
-
-
-def select_device(device: str) -> torch.device:
-    """``cpu``, ``0``, ``cuda:0``... -> torch.device; a CUDA device without CUDA is a UserError."""
-    d = str(device).strip().lower()
-    if d in ("", "cpu"):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    return torch.device(d if d.startswith("cuda") else f"cuda:{d.split(',')[0]}")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class ModelEMA:
@@ -148,9 +156,6 @@ def param_groups(model, weight_decay: float):
             {"params": bn, "weight_decay": 0.0, "name": "bn"}]
 
 
-OPTIMIZERS = ("SGD", "Adam", "AdamW")
-
-
 def make_optimizer(name: str, groups, hyp):
     """SGD (nesterov, ``momentum``) or Adam/AdamW (beta1 = ``momentum``), as ultralytics builds them."""
     if name == "SGD":
@@ -162,28 +167,32 @@ def make_optimizer(name: str, groups, hyp):
 
 
 class Trainer:
-    """One training run. Use :func:`train` unless a stage needs the object itself."""
+    """One training run. Use :func:`train` unless a stage needs the object itself.
 
-    def __init__(self, opts: TrainOptions, callbacks=(), model=None):
+    ``model`` and ``data`` (a loaded data.yaml) may be given already checked (the train stage loads and
+    checks them before anything is written); otherwise they are loaded from ``opts``.
+    """
+
+    def __init__(self, opts: TrainOptions, callbacks=(), model=None, data: dict | None = None):
+        if opts.imgsz is None:
+            opts = opts.replace(imgsz=opts.resolved_imgsz())
         self.opts = opts
         self.callbacks = list(callbacks)
         self.rank = int(os.environ.get("RANK", -1))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", -1))
         self.main = self.rank in (-1, 0)
-        self.out = Path(opts.out)
-        self.use_ema = True
+        self.out = Path(opts.out) if opts.out else new_run_dir("train", opts.name)
+        self.use_ema = all(cb.uses_ema for cb in self.callbacks)
         self.model = model
         self.hyp = load_hyp(opts.hyp)
-        self.data = load_data_yaml(opts.data)
+        self.data = data if data is not None else load_data_yaml(opts.data)
+        self.seconds_before = 0.0  # training time of the run before a resume
 
     # ----------------------------------------------------------------------------------------- setup
     def _setup(self, resume_state=None):
         o = self.opts
-        if o.epochs < 1:
-            raise UserError(f"--epochs must be >= 1, got {o.epochs}")
-        if o.batch < 1:
-            raise UserError(f"--batch must be >= 1, got {o.batch}")
+        o.validate()
         self.device = select_device(o.device)
         if self.world > 1:
             import torch.distributed as dist
@@ -205,7 +214,7 @@ class Trainer:
         self.model.names = list(self.data["names"])
         check_imgsz(self.model, o.imgsz)
         self.model.to(self.device)
-        self.float_model = self.model  # what artifacts are written from (QAT swaps self.model)
+        self.float_model = self.model  # what artifacts are written from; a callback may train another model
         hyp = self.hyp
         self.train_loader, self.train_set = create_dataloader(
             self.data["train"], o.imgsz, o.batch, augment=True, hyp=hyp, workers=o.workers, shuffle=True,
@@ -217,6 +226,8 @@ class Trainer:
                 nc=self.data["nc"], prefix="val: ")
         for cb in self.callbacks:
             cb.on_prepare(self)
+        for cb in self.callbacks:
+            self.model = cb.train_model(self, self.model)
 
         self.accumulate = max(round(o.nbs / (o.batch * self.world)), 1)
         wd = hyp["weight_decay"] * o.batch * self.world * self.accumulate / o.nbs
@@ -236,7 +247,7 @@ class Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.ema = ModelEMA(self.model) if (self.main and self.use_ema) else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda")
-        self.start_epoch, self.best_fitness, self.history = 0, -1.0, []
+        self.start_epoch, self.best_fitness, self.best_epoch, self.history = 0, -1.0, 0, []
         if resume_state is not None:
             self._load_state(resume_state)
         if self.world > 1:
@@ -254,7 +265,7 @@ class Trainer:
         nw = max(round(hyp["warmup_epochs"] * nb), 100) if hyp["warmup_epochs"] > 0 else 0
         last_opt_step = -1
         self.accumulate_cur = self.accumulate
-        t0 = time.time()
+        self.t0 = time.time()
         if self.main:
             print(f"training {o.epochs} epochs at {o.imgsz}px, batch {o.batch} x {self.world} process(es), "
                   f"accumulate {self.accumulate}, {len(self.train_set)} train images -> {self.out}")
@@ -302,17 +313,34 @@ class Trainer:
                                  inst=int(targets.shape[0]), size=imgs.shape[-1])
             pbar.close()
             self.scheduler.step()
+            stop = False
             if self.main:
                 self._end_epoch(epoch, mloss)
-                if o.patience and epoch - self.best_epoch >= o.patience:
+                stop = bool(o.patience and epoch - self.best_epoch >= o.patience)
+                if stop:
                     print(f"stopping early: no improvement in {o.patience} epochs (best epoch {self.best_epoch + 1})")
-                    break
-        report = self._final_report(time.time() - t0) if self.main else {}
+            if self._all_ranks_stop(stop):
+                break
+        report = self._final_report(self.elapsed()) if self.main else {}
         if self.world > 1:
             import torch.distributed as dist
 
             dist.barrier()
         return report
+
+    def elapsed(self) -> float:
+        """Training seconds of the whole run, the part before a resume included."""
+        return self.seconds_before + (time.time() - self.t0)
+
+    def _all_ranks_stop(self, stop: bool) -> bool:
+        """Rank 0's early-stop decision, broadcast so that every torchrun process leaves the loop together."""
+        if self.world == 1:
+            return stop
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def _warmup(self, ni, nw, epoch):
         hyp, xi = self.hyp, [0, nw]
@@ -352,42 +380,51 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_epoch_end(self, record)
         self.history.append(record)
-        fitness = 0.1 * record.get("map50", 0) + 0.9 * record.get("map", 0) if res else -1
+        score = fitness(res) if res else -1
         if res is not None:
             print(f"epoch {epoch + 1}/{o.epochs}: P {res['precision']:.3f}  R {res['recall']:.3f}  "
                   f"mAP50 {res['map50']:.3f}  mAP50-95 {res['map']:.3f}")
-        improved = fitness > self.best_fitness
+        improved = score > self.best_fitness
         if improved:
-            self.best_fitness, self.best_epoch = fitness, epoch
-        elif not hasattr(self, "best_epoch"):
-            self.best_epoch = epoch
+            self.best_fitness, self.best_epoch = score, epoch
         self._save(epoch, improved, res)
         _write_results(self.out, self.history)
 
-    def _report(self, metrics, epoch):
+    def _report(self, metrics, epoch) -> Report:
         o = self.opts
-        rep = {"stage": "train", "epoch": epoch + 1, "epochs": o.epochs, "imgsz": o.imgsz,
-               "gflops": profile(self.float_model, o.imgsz)["gflops"],
-               "parent": str(o.weights) if o.weights else None, "cfg": o.cfg,
-               "options": {k: v for k, v in asdict(o).items() if k not in ("extra", "progress")} | o.extra}
+        rep = Report(stage="train", imgsz=o.imgsz, gflops=profile(self.float_model, o.imgsz)["gflops"],
+                     parent=str(o.weights) if o.weights else None,
+                     options={k: v for k, v in o.to_dict().items() if k not in ("extra", "progress")} | o.extra,
+                     details={"epoch": epoch + 1, "epochs": o.epochs,
+                              "cfg": o.cfg if not isinstance(o.cfg, dict) else o.cfg.get("yaml_file")})
         if metrics:
-            rep.update(map50=metrics["map50"], map=metrics["map"], precision=metrics["precision"],
-                       recall=metrics["recall"])
+            rep.set_metrics(metrics)
         return rep
 
     def _artifact_model(self):
         """The float model to write as an artifact: EMA weights when there is an EMA."""
         return self.ema.ema if self.ema else self.float_model
 
+    def _artifact_contents(self) -> tuple:
+        """``(state_dict or None, extra files)`` of an artifact: what the callbacks decide, else the float weights."""
+        state, files = None, {}
+        for cb in self.callbacks:
+            sd, more = cb.artifact(self)
+            state = sd if sd is not None else state
+            files.update(more or {})
+        return state, files
+
     def _save(self, epoch, improved, metrics):
         last = self.out / "last"
         model = self._artifact_model()
-        save_model(model, last, self._report(metrics, epoch))
+        state, files = self._artifact_contents()
+        rep = self._report(metrics, epoch)
+        save_model(model, last, rep, state_dict=state, extra_files=files)
         save_torch(self._state(epoch), last / STATE)
         for cb in self.callbacks:
             cb.on_save(self, last)
         if improved:
-            save_model(model, self.out, self._report(metrics, epoch))
+            save_model(model, self.out, rep, state_dict=state, extra_files=files)
             for cb in self.callbacks:
                 cb.on_save(self, self.out)
 
@@ -395,8 +432,9 @@ class Trainer:
         """Everything needed to resume, as plain tensors and numbers (weights_only-loadable)."""
         st = {"epoch": epoch, "best_fitness": float(self.best_fitness), "best_epoch": int(self.best_epoch),
               "model": {k: v.detach().cpu() for k, v in de_parallel(self.model).state_dict().items()},
-              "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-              "history": self.history, "rng": torch.get_rng_state()}
+              "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+              "scaler": self.scaler.state_dict(), "history": self.history, "rng": torch.get_rng_state(),
+              "seconds": float(self.elapsed())}
         if self.ema:
             st["ema"] = {k: v.detach().cpu() for k, v in self.ema.ema.state_dict().items()}
             st["ema_updates"] = self.ema.updates
@@ -412,8 +450,12 @@ class Trainer:
         self.start_epoch = st["epoch"] + 1
         self.best_fitness, self.best_epoch = st["best_fitness"], st["best_epoch"]
         self.history = list(st["history"])
-        for _ in range(self.start_epoch):
-            self.scheduler.step()
+        if "scheduler" in st:
+            self.scheduler.load_state_dict(st["scheduler"])
+        else:  # states written before the scheduler was saved: the optimizer holds the LRs already
+            self.scheduler.last_epoch = self.start_epoch
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.seconds_before = float(st.get("seconds", 0.0))
         torch.set_rng_state(st["rng"])
         if self.start_epoch >= self.opts.epochs:
             raise UserError(f"{self.out}: training already finished ({self.opts.epochs} epochs); nothing to resume")
@@ -426,11 +468,9 @@ class Trainer:
         rep["final_epoch"] = self.history[-1]["epoch"] if self.history else 0
         for cb in self.callbacks:
             cb.on_train_end(self, rep)
-        from ..fileio import write_json
-
         write_json(self.out / "report.json", rep)
         print(f"done in {seconds / 60:.1f} min; best epoch {rep['best_epoch']}: "
-              f"mAP50 {rep.get('map50', 0):.3f} mAP50-95 {rep.get('map', 0):.3f}; artifact: {self.out}")
+              f"mAP50 {rep.get('map50') or 0:.3f} mAP50-95 {rep.get('map') or 0:.3f}; artifact: {self.out}")
         return rep
 
 
@@ -441,7 +481,7 @@ def _write_results(out: Path, history: list) -> None:
     try:
         plot_results(out / "results.png", history)
     except Exception as e:  # a plot must never stop training
-        print(f"warning: could not plot results.png ({e})")
+        warn(f"could not plot results.png ({e})")
 
 
 def _csv(v):
@@ -476,26 +516,48 @@ def plot_results(path, history) -> None:
     plt.close(fig)
 
 
-def train(opts: TrainOptions, callbacks=(), model=None) -> dict:
+def train(opts: TrainOptions, callbacks=(), model=None, data: dict | None = None) -> dict:
     """Train (or fine-tune) a model; returns the final report (rank 0), writing the run folder."""
-    return Trainer(opts, callbacks, model).fit()
+    return Trainer(opts, callbacks, model, data).fit()
 
 
-def resume(run_dir, callbacks=()) -> dict:
-    """Continue an interrupted ``compress train`` run exactly where its last checkpoint left off."""
+def load_options(run_dir) -> TrainOptions:
+    """The options a run folder's ``opt.yaml`` recorded (UserError when there is nothing to resume)."""
+    import yaml
+
     run_dir = Path(run_dir)
     st_file, opt_file = run_dir / "last" / STATE, run_dir / "opt.yaml"
     if not st_file.is_file() or not opt_file.is_file():
         raise UserError(f"{run_dir}: nothing to resume (needs last/{STATE} and opt.yaml)")
-    import yaml
+    try:
+        saved = yaml.safe_load(opt_file.read_text())
+    except yaml.YAMLError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"{opt_file}: unreadable (not the options of a compress train run)")
+    known = {f.name for f in TrainOptions.option_fields(cli_only=False)}
+    return TrainOptions(**{k: v for k, v in saved.items() if k in known}).replace(out=str(run_dir))
 
-    saved = yaml.safe_load(opt_file.read_text())
-    opts = TrainOptions(**{k: v for k, v in saved.items() if k in TrainOptions.__dataclass_fields__})
-    opts.out = str(run_dir)
+
+def resume(run_dir, callbacks=(), opts: TrainOptions | None = None) -> dict:
+    """Continue an interrupted ``compress train`` run exactly where its last checkpoint left off.
+
+    ``opts`` replaces the recorded options (the train stage passes them after checking what may change).
+    """
+    run_dir = Path(run_dir)
+    opts = opts or load_options(run_dir)
     model = load_model(run_dir / "last")
-    return Trainer(opts, callbacks, model).fit(resume_state=load_tensors(st_file))
+    return Trainer(opts, callbacks, model).fit(resume_state=load_tensors(run_dir / "last" / STATE))
 
 
 def save_options(opts: TrainOptions) -> None:
-    """Write the run's options to ``opt.yaml`` (what ``--resume`` reads back)."""
-    write_yaml(Path(opts.out) / "opt.yaml", asdict(opts))
+    """Write the run's options to ``opt.yaml`` (what ``--resume`` reads back), paths made absolute.
+
+    Absolute paths let ``--resume`` work from any working directory.
+    """
+    d = opts.to_dict()
+    for key in ("data", "weights", "hyp", "cfg", "out"):
+        v = d.get(key)
+        if isinstance(v, str) and (key in ("data", "weights", "out") or Path(v).exists()):
+            d[key] = str(Path(v).absolute())
+    write_yaml(Path(opts.out) / "opt.yaml", d)

@@ -13,27 +13,34 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..fileio import load_tensors, save_torch, write_json, write_yaml
+from ..fileio import load_tensors, save_torch, unfinished_stage, write_json, write_yaml
 from .yolo import Model, load_cfg
 
 WEIGHTS, CFG, REPORT = "weights.pt", "model.yaml", "report.json"
+ARTIFACT_FILES = (CFG, WEIGHTS, REPORT)
 
 
-def save_model(model, out_dir, report: dict | None = None) -> Path:
+def save_model(model, out_dir, report=None, state_dict: dict | None = None, extra_files: dict | None = None) -> Path:
     """Write ``model`` as an artifact in ``out_dir`` (each file atomically; report.json last).
 
-    Returns the directory. ``report`` is merged with params and the parent/stage keys a caller gives.
+    ``report`` (a dict or a stage :class:`~compress.stages.base.Report`) is written with ``params`` filled
+    in. ``state_dict`` replaces the model's own weights (e.g. the float weights of a QAT-trained model,
+    under the model's key names); ``extra_files`` are more tensor files written beside them
+    (``{"qat_state.pt": state}``). Returns the directory.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    src = model.state_dict() if state_dict is None else state_dict
     sd = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-          for k, v in model.state_dict().items()}
+          for k, v in src.items()}
     save_torch(sd, out / WEIGHTS)
+    for name, obj in (extra_files or {}).items():
+        save_torch(obj, out / name)
     cfg = dict(model.yaml)
     cfg["names"] = list(getattr(model, "names", [])) or cfg.get("names")
     write_yaml(out / CFG, cfg)
-    rep = {"params": sum(p.numel() for p in model.parameters())}
-    rep.update(report or {})
+    rep = report.to_dict() if hasattr(report, "to_dict") else dict(report or {})
+    rep["params"] = sum(p.numel() for p in model.parameters())
     write_json(out / REPORT, rep)
     return out
 
@@ -45,6 +52,15 @@ def resolve_weights(weights) -> tuple[Path | None, Path]:
     both; any other file gives ``(None, file)`` (an ultralytics checkpoint, or a state_dict used with --cfg).
     """
     p = Path(weights)
+    where = p if p.is_dir() else p.parent
+    stage = unfinished_stage(where) if (p.is_dir() or p.name == WEIGHTS) else None
+    if stage:
+        hint = {"train": f"resume it with `compress train --resume {where}`, or use {where / 'last'}",
+                "finetune": f"resume it with `compress train --resume {where}`, or use {where / 'last'}",
+                "eagleeye": f"resume it with `compress eagleeye --resume --out {where} ...`"}.get(
+                    stage, "run the stage again")
+        raise UserError(f"{where}: an unfinished {stage} run (it stopped before it completed, or is still "
+                        f"running); {hint}")
     if p.is_dir():
         if not (p / WEIGHTS).is_file() or not (p / CFG).is_file():
             raise UserError(f"{p}: not an artifact directory (needs {CFG} and {WEIGHTS})")

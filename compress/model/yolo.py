@@ -58,13 +58,19 @@ def shipped_configs():
 
 def resolve_cfg_path(cfg) -> Path:
     """Find a YAML by path, or by the name of a shipped config (``yolov5s`` or ``yolov5s.yaml``)."""
-    p = Path(cfg)
+    text = str(cfg)
+    p = Path(text)
     if p.is_file():
         return p
     name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
     if (CONFIG_DIR / name).is_file() and len(p.parts) == 1:
         return CONFIG_DIR / name
-    raise UserError(f"{cfg}: no such model YAML (shipped configs: {', '.join(shipped_configs())})")
+    if p.is_dir():
+        raise UserError(f"{cfg}: a folder, not a model YAML (give an artifact folder as --weights)")
+    if len(p.parts) > 1 or text.endswith(("/", "\\")):
+        raise UserError(f"{cfg}: no such file or directory")
+    raise UserError(f"{cfg}: no such file, and no shipped config of that name (shipped: "
+                    f"{', '.join(shipped_configs())})")
 
 
 def load_cfg(cfg) -> dict:
@@ -126,7 +132,7 @@ def parse_cfg(cfg, ch_in: int = 3):
         c_in = ch[f] if isinstance(f, int) and i > 0 else (ch_in if i == 0 else None)
         s_in = strides[f] if isinstance(f, int) and i > 0 else (1.0 if i == 0 else None)
         try:
-            spec, norm_args, n_out = _parse_row(i, f, n, mname, cls, args, c_in, ch, gw, no, explicit)
+            spec, norm_args, n_out = _parse_row(i, f, n, mname, cls, args, c_in, ch, gw, no, explicit, nc)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         except (TypeError, ValueError, IndexError, KeyError) as e:
@@ -163,7 +169,7 @@ def _explicit(args, keys, where_keys):
     return args, {}
 
 
-def _parse_row(i, f, n, mname, cls, args, c1, ch, gw, no, explicit):
+def _parse_row(i, f, n, mname, cls, args, c1, ch, gw, no, explicit, nc):
     """Resolve one row: constructor args, output width, and the normal-form args."""
     kwargs = {}
     if cls in _SCALED or cls is ShuffleBlock:
@@ -237,6 +243,11 @@ def _parse_row(i, f, n, mname, cls, args, c1, ch, gw, no, explicit):
     if cls is Detect:
         if not isinstance(f, list):
             raise UserError("Detect takes a list of input layers")
+        if len(args) < 2:
+            raise UserError(f"Detect args are [nc, anchors], got {args!r}")
+        if isinstance(args[0], bool) or not isinstance(args[0], int) or args[0] != nc:
+            raise UserError(f"Detect's first arg (its number of classes) is {args[0]!r}: write nc (the YAML's nc is "
+                            f"{nc})")
         anchors = args[1]
         if isinstance(anchors, int):
             anchors = [list(range(anchors * 2))] * len(f)

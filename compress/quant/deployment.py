@@ -19,15 +19,10 @@ import torch
 
 from ..errors import UserError
 from . import mqbench_compat
+from .backends import Backend
 from .qat import detect_head, pbp, resolve_backend
 
-# What MQBench writes for a model called NAME, by role (the Q/DQ file is renamed from its fixed name).
-_ROLES = {
-    "fakequant_onnx": ("{}.onnx",),
-    "deploy_onnx": ("{}_deploy_model.onnx", "{}_for_tengine.onnx"),
-    "params": ("{}_gfpq_param_dict.json", "{}_clip_ranges.json", "{}_for_tengine.scale"),
-    "qdq_onnx": ("{}_qdq.onnx",),
-}
+FAKEQUANT_ONNX, QDQ_ONNX = "{}.onnx", "{}_qdq.onnx"
 _QDQ_FIXED_NAME = "onnx_quantized_model.onnx"  # mqbench/deploy/deploy_onnx_qlinear.py
 INPUT_NAME = "images"
 OUTPUT_NAME = "output0"
@@ -49,7 +44,7 @@ def deploy_graph(prepared, head: str = "decoded"):
     return gm.eval()
 
 
-def deploy(prepared, backend: str, out_dir, imgsz, name: str = "model", head: str = "decoded") -> dict:
+def deploy(prepared, backend: str | Backend, out_dir, imgsz, name: str = "model", head: str = "decoded") -> dict:
     """Write ``backend``'s deploy files for a calibrated/trained prepared model into ``out_dir``.
 
     ``imgsz`` is an int or (height, width); the batch size is 1. ``head="decoded"`` exports the decoded
@@ -61,11 +56,11 @@ def deploy(prepared, backend: str, out_dir, imgsz, name: str = "model", head: st
     model). Nothing is left in ``out_dir`` if a step fails.
     """
     backend = resolve_backend(backend)
-    if getattr(prepared, "qat_backend", backend) != backend:
-        raise UserError(f"--backend {backend}: the model was prepared for {prepared.qat_backend}")
+    if getattr(prepared, "qat_backend", backend.name) != backend.name:
+        raise UserError(f"--backend {backend.name}: the model was prepared for {prepared.qat_backend}")
     if head not in ("decoded", "raw"):
         raise ValueError(f"head must be 'decoded' or 'raw', got {head!r}")
-    if backend == "Tengine_u8":
+    if "onnxsim" in backend.requires:
         _require_onnxsim()
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
     mqbench_compat.apply()
@@ -79,15 +74,16 @@ def deploy(prepared, backend: str, out_dir, imgsz, name: str = "model", head: st
     try:
         model = deploy_graph(prepared, head)
         outputs = [OUTPUT_NAME] if head == "decoded" else [f"output{i}" for i in range(detect_head(prepared).nl)]
-        convert_deploy(model, pbp.BackendType[backend], {INPUT_NAME: [1, 3, h, w]}, output_path=str(tmp),
-                       model_name=name, deploy_to_qlinear=backend == "Tensorrt", output_names=outputs)
+        convert_deploy(model, pbp.BackendType[backend.name], {INPUT_NAME: [1, 3, h, w]}, output_path=str(tmp),
+                       model_name=name, deploy_to_qlinear=backend.qdq_onnx, output_names=outputs)
         if (tmp / _QDQ_FIXED_NAME).is_file():
-            os.replace(tmp / _QDQ_FIXED_NAME, tmp / f"{name}_qdq.onnx")
+            os.replace(tmp / _QDQ_FIXED_NAME, tmp / QDQ_ONNX.format(name))
+        roles = {"fakequant_onnx": FAKEQUANT_ONNX, "deploy_onnx": backend.deploy_onnx, "params": backend.params_file,
+                 "qdq_onnx": QDQ_ONNX}
         written = {}
-        for role, patterns in _ROLES.items():
-            for pat in patterns:
-                if (tmp / pat.format(name)).is_file():
-                    written[role] = out / pat.format(name)
+        for role, pat in roles.items():
+            if (tmp / pat.format(name)).is_file():
+                written[role] = out / pat.format(name)
         for f in sorted(tmp.iterdir()):  # anything else MQBench wrote (kept, never lost)
             if f.is_file() and f.name not in {p.name for p in written.values()}:
                 written[f.name] = out / f.name
@@ -98,7 +94,7 @@ def deploy(prepared, backend: str, out_dir, imgsz, name: str = "model", head: st
         raise
     except Exception as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise RuntimeError(f"MQBench deploy for {backend} failed: {msg}") from e
+        raise RuntimeError(f"MQBench deploy for {backend.name} failed: {msg}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -26,33 +26,16 @@ from ..fileio import load_tensors, save_torch
 from ..model.blocks import Detect
 from ..model.yolo import detect_head
 from . import mqbench_compat
+from .backends import BACKENDS, Backend, resolve_backend  # noqa: F401  (re-exported)
 
 set_log_level(logging.ERROR)  # before MQBench's other modules: it logs every quantizer at INFO on stdout
 import mqbench.prepare_by_platform as pbp  # noqa: E402
 from mqbench.utils.state import enable_calibration, enable_quantization  # noqa: E402
 
-# Backends whose full flow (prepare, calibrate, train, deploy) runs on YOLOv5 with mqbench-torch2 0.1.1.
-BACKENDS = ("NNIE", "Tensorrt", "SNPE", "PPLW8A16", "Vitis", "OPENVINO", "Tengine_u8")
-_REFUSED = {
-    "ONNX_QNN": "ONNX_QNN cannot deploy YOLOv5: MQBench's QLinear pass assumes every Conv is followed by "
-                "ReLU (or nothing), and YOLOv5 convs end in SiLU",
-}
 # Attributes of the float model that the engine reads and that tracing does not keep.
 _KEPT_ATTRS = ("names", "nc", "yaml", "stride")
 # Substrings of state_dict keys that only a quantized (prepared) model has.
 _QUANT_KEY_MARKERS = ("weight_fake_quant.", "_post_act_fake_quantizer", "activation_post_process.")
-
-
-def resolve_backend(name: str) -> str:
-    """The canonical spelling of a backend name (case-insensitive); UserError for unknown or unusable ones."""
-    key = str(name).strip().lower()
-    for b in BACKENDS:
-        if b.lower() == key:
-            return b
-    for b, why in _REFUSED.items():
-        if b.lower() == key:
-            raise UserError(f"--backend {name}: {why} (use one of: {', '.join(BACKENDS)})")
-    raise UserError(f"--backend {name}: unknown QAT backend (valid: {', '.join(BACKENDS)})")
 
 
 def is_quantized_state(state_dict) -> bool:
@@ -107,13 +90,14 @@ def _trace_check(model, leaf_modules):
     return names[0]
 
 
-def prepare_qat(model: nn.Module, backend: str, leaf_modules=()) -> torch.fx.GraphModule:
+def prepare_qat(model: nn.Module, backend: str | Backend, leaf_modules=()) -> torch.fx.GraphModule:
     """Insert MQBench fake quantizers for ``backend`` into a copy of a float YOLOv5 model.
 
     The Detect head (and any ``leaf_modules`` types) stays a leaf of the traced graph: its 1x1 convs still
     get fake-quantized weights and its inputs fake-quantized activations, and it keeps its train/eval
     behaviour. Conv+BN pairs become QAT ConvBn modules. Returns the prepared model in train mode, with
-    ``names``, ``nc``, ``yaml``, ``stride`` and ``qat_backend`` attributes. ``model`` is not modified.
+    ``names``, ``nc``, ``yaml``, ``stride`` and ``qat_backend`` (the backend's name) attributes. ``model`` is
+    not modified.
     """
     backend = resolve_backend(backend)
     if any(isinstance(m, torch.ao.quantization.FakeQuantizeBase) for m in model.modules()):
@@ -123,29 +107,29 @@ def prepare_qat(model: nn.Module, backend: str, leaf_modules=()) -> torch.fx.Gra
     float_model = copy.deepcopy(model).train()  # MQBench swaps modules in place
     leaves = (Detect, *leaf_modules)
     det_node = _trace_check(float_model, leaves)
-    # The Detect node is named (not given by type) so that backends quantizing layer *outputs* (SNPE,
-    # PPLW8A16, Tengine_u8) only quantize its inputs: its output is a tuple/list, not a tensor.
+    # The Detect node is named (not given by type) so that backends quantizing layer *outputs* only
+    # quantize its inputs: its output is a tuple/list, not a tensor.
     config = {
         "leaf_module": list(leaves),
         "extra_quantizer_dict": {"additional_node_name": [det_node]},
     }
-    if backend == "Tengine_u8":
+    if backend.exclude_output:
         config["extra_quantizer_dict"]["exclude_node_name"] = ["output"]  # it would quantize the outputs
     try:
-        prepared = pbp.prepare_by_platform(float_model, pbp.BackendType[backend], config)
+        prepared = pbp.prepare_by_platform(float_model, pbp.BackendType[backend.name], config)
     except Exception as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise RuntimeError(f"MQBench could not prepare {type(model).__name__} for {backend}: {msg}") from e
-    if backend == "Vitis":
-        _set_vitis_leaf_weight_types(prepared)
+        raise RuntimeError(f"MQBench could not prepare {type(model).__name__} for {backend.name}: {msg}") from e
+    if backend.typed_leaf_weights:
+        _set_leaf_weight_types(prepared)
     for attr in _KEPT_ATTRS:
         if hasattr(model, attr):
             setattr(prepared, attr, copy.deepcopy(getattr(model, attr)))
-    prepared.qat_backend = backend
+    prepared.qat_backend = backend.name
     return prepared.to(_device(model)).train()
 
 
-def _set_vitis_leaf_weight_types(prepared):
+def _set_leaf_weight_types(prepared):
     # Vitis's quantizer assigns each TQT quantizer its type from graph nodes; the convs inside the Detect
     # leaf are not nodes, so their weight quantizers would stay untyped and fail on the first forward.
     from mqbench.fake_quantize.tqt import TqtFakeQuantize
@@ -190,7 +174,8 @@ def calibrate(prepared, batches, max_batches: int | None = None) -> int:
             n += 1
         if n == 0:
             raise UserError("QAT calibration got no images (is the dataset empty?)")
-        enable_quantization(prepared, weight_cali_on=getattr(prepared, "qat_backend", None) == "NNIE")
+        backend = getattr(prepared, "qat_backend", None)
+        enable_quantization(prepared, weight_cali_on=bool(backend) and resolve_backend(backend).observe_weights)
     finally:
         prepared.train(was_training)
     return n
@@ -233,14 +218,18 @@ def quantizer_param_groups(prepared):
     return quant, rest
 
 
+def qat_state_dict(prepared) -> dict:
+    """The prepared model's state (weights, BN statistics, quantizer ranges and flags) as CPU tensors."""
+    return {k: v.detach().cpu().clone() for k, v in prepared.state_dict().items()}
+
+
 def save_qat_state(prepared, path) -> None:
-    """Write the prepared model's state (weights, BN statistics, quantizer ranges and flags) atomically.
+    """Write :func:`qat_state_dict` atomically.
 
     The file is a plain state_dict of tensors (``torch.load(weights_only=True)`` reads it); load it into a
     model prepared for the same backend with :func:`load_qat_state`.
     """
-    sd = {k: v.detach().cpu().clone() for k, v in prepared.state_dict().items()}
-    save_torch(sd, path)
+    save_torch(qat_state_dict(prepared), path)
 
 
 def load_qat_state(prepared, source) -> None:
