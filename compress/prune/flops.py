@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .walk import walk
+
 
 class CostModel:
     """Precomputed cost coefficients of one architecture at one image size.
@@ -23,12 +25,11 @@ class CostModel:
     """
 
     def __init__(self, cg, hw):
-        from .groups import _Walker
-
         self.cg, self.hw = cg, tuple(hw)
-        # Re-walk the YAML at this image size for the spatial sizes (records come in the same order).
-        walk = _Walker(*_specs_and_cfg(cg), hw[0], hw[1])
-        convs, ups = walk.convs, walk.upsamples
+        # the walk at this image size gives every conv's output size; records are joined by conv name
+        sizes = walk(cg.cfg, self.hw)
+        conv_hw = {r.prefix: r.hw_out for r in sizes.convs}
+        up_hw = {u.layer: u.hw_out for u in sizes.upsamples}
         G = len(cg.groups)
         self.index = {g.name: g.index for g in cg.groups}
         self.full = np.array([g.size for g in cg.groups], dtype=np.float64)
@@ -38,8 +39,8 @@ class CostModel:
         hw_out = np.zeros(n)
         self.kk, self.bias, self.bn = np.zeros(n), np.zeros(n), np.zeros(n)
         self.conv_layer = np.zeros(n, dtype=np.int64)
-        for j, (r, rw) in enumerate(zip(cg.convs, convs)):
-            hw_out[j] = rw.hw_out
+        for j, r in enumerate(cg.convs):
+            hw_out[j] = conv_hw[r.prefix]
             self.kk[j], self.bias[j], self.bn[j] = r.kk, float(r.bias), float(r.bn)
             self.conv_layer[j] = r.layer
             if r.out:
@@ -57,10 +58,10 @@ class CostModel:
         self.a_up = np.zeros((len(cg.upsamples), G))
         self.up_w = np.zeros(len(cg.upsamples))
         self.up_layer = np.zeros(len(cg.upsamples), dtype=np.int64)
-        for j, (u, uw) in enumerate(zip(cg.upsamples, ups)):
+        for j, u in enumerate(cg.upsamples):
             for g in u.layout:
                 self.a_up[j, g] += 1
-            self.up_w[j] = uw.hw_out * u.ops_per_elem
+            self.up_w[j] = up_hw[u.layer] * u.ops_per_elem
             self.up_layer[j] = u.layer
         self.n_layers = len(cg.layer_out)
 
@@ -114,10 +115,3 @@ class CostModel:
             "params": np.rint(np.bincount(self.conv_layer, prm, self.n_layers)).astype(np.int64),
             "channels": np.rint(np.bincount(self.conv_layer, c_out, self.n_layers)).astype(np.int64),
         }
-
-
-def _specs_and_cfg(cg):
-    from ..model.yolo import parse_cfg
-
-    specs, normal = parse_cfg(cg.cfg)
-    return specs, normal
