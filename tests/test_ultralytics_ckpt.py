@@ -197,6 +197,52 @@ def test_v5_era_details_nc_override_names_dict_numpy_meta(fake_ultralytics, tmp_
     _assert_same_outputs(load_model(weights=f), _expected(ref))
 
 
+
+def test_v6_era_expanded_grids_and_namespace_opt(fake_ultralytics, tmp_path):
+    # v6 keeps Detect.grid / anchor_grid as lists of expand()ed views (zero strides, larger than their
+    # data) after a validation pass, and some forks store opt as an argparse.Namespace with Paths in it
+    import argparse
+    from pathlib import PurePosixPath
+
+    ref, ucfg = _reference()
+    u = _ultra(fake_ultralytics, ref, ucfg)
+    det = u.model[-1]
+    det.grid, det.anchor_grid = zip(*(det._make_grid(80 // 2**i, 80 // 2**i, i, torch.float16, "cpu")
+                                      for i in range(det.nl)))
+    det.grid, det.anchor_grid = list(det.grid), list(det.anchor_grid)
+    assert 0 in det.anchor_grid[0].stride()
+    opt = argparse.Namespace(imgsz=64, epochs=3, save_dir=PurePosixPath("runs/train/exp"))
+    ck = load_checkpoint(_save(tmp_path / "v6.pt", u, opt=opt))
+    assert ck["meta"]["opt"] == {"imgsz": 64, "epochs": 3, "save_dir": "runs/train/exp"}
+    _assert_same_outputs(load_model(weights=tmp_path / "v6.pt"), _expected(ref))
+
+
+def test_numpy_values_of_plain_dtypes_in_both_numpy_spellings(fake_ultralytics, tmp_path):
+    import zipfile
+
+    import numpy as np
+
+    ref, ucfg = _reference()
+    values = {"f2": np.float16(1.5), "b1": np.bool_(True), "i1": np.int8(-3), "u2": np.array([1, 65535], np.uint16),
+              "big_endian": np.array([1, -2], ">i4"), "fortran": np.asfortranarray(np.arange(6).reshape(2, 3)),
+              "bools": np.array([True, False]), "c8": np.complex64(1 + 2j), "empty": np.zeros((0, 3))}
+    f = _save(tmp_path / "np2.pt", _ultra(fake_ultralytics, ref, ucfg), values=values)
+    want = {"f2": 1.5, "b1": True, "i1": -3, "u2": [1, 65535], "big_endian": [1, -2],
+            "fortran": [[0, 1, 2], [3, 4, 5]], "bools": [True, False], "empty": []}
+    assert load_checkpoint(f)["meta"]["values"] == want  # complex is not plain metadata: left out
+
+    # the same file as numpy 1 writes it (numpy.core instead of numpy._core)
+    old = tmp_path / "np1.pt"
+    with zipfile.ZipFile(f) as src, zipfile.ZipFile(old, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            dst.writestr(info, data)
+    assert load_checkpoint(old)["meta"]["values"] == want
+
+
 def test_legacy_non_zip_format(fake_ultralytics, tmp_path):
     ref, ucfg = _reference()
     f = tmp_path / "legacy.pt"
