@@ -1,14 +1,20 @@
-"""The YOLOv5 val.py-equivalent metric, on hand-computed cases.
+"""The YOLOv5 val.py-equivalent metric and rectangular val batches, on hand-computed cases.
 
 Expected values are derived in the comments from val.py's definitions (process_batch, ap_per_class,
-compute_ap).
+compute_ap, LoadImagesAndLabels with rect=True); benchmarks/val_vs_ultralytics.py checks the same
+functions against the real val.py code.
 """
+import cv2
 import numpy as np
 import pytest
+import torch
 
+from compress.data.augment import PAD_VALUE, scale_boxes, xywhn2xyxy
+from compress.data.dataset import create_dataloader, rect_batch_shapes
 from compress.engine.metrics import (DetectionMetrics, ap_trapezoid, coco_ap, fitness,
                                      match_detections_ultralytics)
-from compress.engine.validate import metrics_table, select_metric
+from compress.engine.validate import evaluate, metrics_table, select_metric
+from compress.errors import UserError
 
 THRESHOLDS = np.linspace(0.5, 0.95, 10)
 
@@ -126,3 +132,140 @@ def test_max_det_caps_only_the_coco_metric():
     res = m.compute()
     assert res["map50"] == 0.0
     assert res["ultralytics"]["map50"] > 0.1
+
+
+# ------------------------------------------------------------------------------------------ rect batches
+
+
+def test_rect_batch_shapes_by_hand():
+    # (h, w): A 320x320 (h/w 1), B 160x320 (0.5), C 320x160 (2), D 240x480 (0.5) at imgsz 320, stride 32,
+    # pad 0.5. Aspect order (stable): B, D, A, C. Side s -> ceil(s * 320 / 32 + 0.5) * 32:
+    # 1 -> ceil(10.5) = 11 -> 352;  0.5 -> ceil(5.5) = 6 -> 192.
+    hw = [(320, 320), (160, 320), (320, 160), (240, 480)]
+    order, shapes, bi = rect_batch_shapes(hw, 1, 320, 32, 0.5)
+    assert order.tolist() == [1, 3, 0, 2] and bi.tolist() == [0, 1, 2, 3]
+    # B, D wide: (max ratio .5, 1); A square: (1, 1); C tall: (1, 1 / 2)
+    assert shapes.tolist() == [[192, 352], [192, 352], [352, 352], [352, 192]]
+    # batches of 2: {B, D} both wide -> (192, 352); {A, C} ratios 1 and 2 are not all > 1 -> (352, 352)
+    order, shapes, bi = rect_batch_shapes(hw, 2, 320, 32, 0.5)
+    assert shapes.tolist() == [[192, 352], [352, 352]] and bi.tolist() == [0, 0, 1, 1]
+    assert rect_batch_shapes(hw, 4, 320, 32, 0.5)[1].tolist() == [[352, 352]]  # mixed: square
+    assert rect_batch_shapes(hw, 1, 320, 32, 0.0)[1].tolist() == [[160, 320], [160, 320], [320, 320], [320, 160]]
+    # 3 images of h/w 0.7 at 256, stride 64: ceil(.7 * 4 + .5) = ceil(3.3) = 4 -> 256; a partial last batch
+    order, shapes, bi = rect_batch_shapes([(70, 100)] * 3, 2, 256, 64, 0.5)
+    assert shapes.tolist() == [[256, 320], [256, 320]] and bi.tolist() == [0, 0, 1]
+
+
+def _write_images(root, sizes_wh, labels):
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    files = []
+    rng = np.random.default_rng(0)
+    for k, ((w, h), lab) in enumerate(zip(sizes_wh, labels)):
+        f = root / "images" / f"{k}.png"
+        cv2.imwrite(str(f), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        (root / "labels" / f"{k}.txt").write_text("".join(f"{c} {x} {y} {bw} {bh}\n" for c, x, y, bw, bh in lab))
+        files.append(str(f))
+    return files
+
+
+@pytest.fixture
+def mixed_images(tmp_path):
+    # (w, h): square, wide, tall, wide 2x larger than imgsz, and 320x215 whose vertical pad is odd (41 px)
+    sizes = [(320, 320), (320, 160), (160, 320), (480, 240), (320, 215)]
+    labels = [[(0, .5, .5, .4, .2), (1, .2, .8, .1, .3)], [(1, .3, .6, .2, .5)], [(0, .7, .4, .3, .1)],
+              [(1, .5, .5, .9, .8), (0, .1, .1, .05, .1)], [(0, .25, .75, .3, .3)]]
+    return _write_images(tmp_path, sizes, labels), sizes
+
+
+def test_rect_loader_shapes_padding_and_order(mixed_images):
+    files, sizes = mixed_images
+    loader, ds = create_dataloader(files, 320, 2, augment=False, rect=True, pad=0.5, stride=32)
+    # h/w: 1, .5, 2, .5, .672 -> order 1, 3, 4, 0, 2; batches {1, 3}: (192, 352); {4, 0}: ratios .672 and
+    # 1, not all < 1 -> (352, 352); {2}: (352, ceil(.5 * 10 + .5) * 32 = 192)
+    assert [f.rsplit("/", 1)[1] for f in ds.im_files] == ["1.png", "3.png", "4.png", "0.png", "2.png"]
+    batches = list(loader)
+    assert [tuple(b[0].shape[2:]) for b in batches] == [(192, 352), (352, 352), (352, 192)]
+    (imgs, _, paths, shapes) = batches[1]
+    (h0, w0), ((rh, rw), (pw, ph)) = shapes[0]  # 4.png: 320x215, no resize, pads 16 and (137 -> 68, 69)
+    assert (h0, w0) == (215, 320) and (rh, rw) == (1.0, 1.0) and (pw, ph) == (16.0, 68.0)
+    img = imgs[0].numpy()
+    assert (img[:, :68] == PAD_VALUE).all() and (img[:, 68 + 215:] == PAD_VALUE).all()
+    assert (img[:, :, :16] == PAD_VALUE).all() and (img[:, :, 16 + 320:] == PAD_VALUE).all()
+    assert img.shape[1] - 68 - 215 == 69
+    im0 = cv2.imread(paths[0])[:, :, ::-1].transpose(2, 0, 1)
+    assert (img[:, 68:68 + 215, 16:16 + 320] == im0).all()  # never enlarged: the original pixels
+    (h0, w0), ((rh, rw), (pw, ph)) = batches[0][3][1]  # 3.png: 480x240 -> 320x160 in 192x352
+    assert (h0, w0) == (240, 480) and (rh, rw) == pytest.approx((2 / 3, 2 / 3)) and (pw, ph) == (16.0, 16.0)
+    # the default loader still letterboxes every image to imgsz x imgsz in file order
+    loader, ds = create_dataloader(files, 320, 2, augment=False)
+    assert ds.im_files == files and {tuple(b[0].shape[2:]) for b in loader} == {(320, 320)}
+
+
+def test_rect_boxes_round_trip(mixed_images):
+    files, _ = mixed_images
+    loader, ds = create_dataloader(files, 320, 2, augment=False, rect=True, pad=0.5)
+    n = 0
+    for imgs, targets, paths, shapes in loader:
+        h, w = imgs.shape[2:]
+        for si, path in enumerate(paths):
+            t = targets[targets[:, 0] == si]
+            boxes = xywhn2xyxy(t[:, 2:].numpy().astype(np.float64), w, h)
+            back = scale_boxes((h, w), boxes, shapes[si][0], shapes[si][1])
+            i = ds.im_files.index(path)
+            h0, w0 = ds.shapes[i]
+            assert np.allclose(back, xywhn2xyxy(ds.labels[i][:, 1:].astype(np.float64), w0, h0), atol=1e-3)
+            n += len(t)
+    assert n == sum(len(lb) for lb in ds.labels) == 7
+
+
+def test_rect_evaluate_of_perfect_predictions(mixed_images):
+    """Predictions equal to the targets of each rect batch come out as perfect detections."""
+    files, _ = mixed_images
+    loader, _ = create_dataloader(files, 320, 2, augment=False, rect=True, pad=0.5)
+    batches = list(loader)
+    queue = [b[1] for b in batches]
+
+    def predict(x):  # decoded (B, anchors, 5 + nc): the batch's targets as xywh pixels, obj 0.9, one-hot
+        t = queue.pop(0)
+        h, w = x.shape[2:]
+        out = torch.zeros(x.shape[0], 8, 7)
+        for si in range(x.shape[0]):
+            ti = t[t[:, 0] == si]
+            out[si, :len(ti), :4] = ti[:, 2:] * torch.tensor([w, h, w, h])
+            out[si, :len(ti), 4] = 0.9
+            out[si, torch.arange(len(ti)), 5 + ti[:, 1].long()] = 1.0
+        return out
+
+    res = evaluate(predict, batches, nc=2, progress=False)
+    assert res["map"] == pytest.approx(1.0) and res["ultralytics"]["map"] == pytest.approx(0.995)
+    assert res["images"] == 5 and res["instances"] == 7
+
+
+def test_rect_refuses_shuffle_augment_and_ddp(mixed_images):
+    files, _ = mixed_images
+    with pytest.raises(UserError, match="rect"):
+        create_dataloader(files, 320, 2, augment=False, rect=True, shuffle=True)
+    with pytest.raises(UserError, match="rect"):
+        create_dataloader(files, 320, 2, augment=True, rect=True)
+    with pytest.raises(UserError, match="rect"):
+        create_dataloader(files, 320, 2, augment=False, rect=True, rank=0, world_size=2)
+
+
+def test_rect_resizes_and_pads_as_val_py(tmp_path):
+    files = _write_images(tmp_path, [(400, 262)], [[(0, .5, .5, .5, .5)]])
+    _, rect = create_dataloader(files, 320, 1, augment=False, rect=True, pad=0.5)
+    _, square = create_dataloader(files, 320, 1, augment=False)
+    assert rect.load_image(0)[2] == (209, 320)  # 262 * 0.8 = 209.6: truncated, as YOLOv5's loader does
+    assert square.load_image(0)[2] == (210, 320)  # the default loader rounds
+    # batch shape: h ceil(262 / 400 * 10 + .5) = ceil(7.05) = 8 -> 256, w 11 -> 352; padding 32 and 47
+    img, t, _, ((h0, w0), ((rh, rw), (pw, ph))) = rect[0]
+    assert img.shape == (3, 256, 352) and (h0, w0) == (262, 400)
+    assert (rh, rw) == (209 / 262, 0.8)
+    # 47 px: 23 on top, 24 below. val.py reports the pad as 23.5 (and maps boxes back with h / h0 for both
+    # axes); the actual offset is what maps boxes back exactly
+    assert (pw, ph) == (16.0, 23.0)
+    assert (img[:, :23] == PAD_VALUE).all() and not (img[:, 23] == PAD_VALUE).all()
+    box = xywhn2xyxy(t[:, 2:].numpy().astype(np.float64), 352, 256)
+    back = scale_boxes((256, 352), box, (h0, w0), ((rh, rw), (pw, ph)))
+    assert np.allclose(back, [[100, 65.5, 300, 196.5]], atol=1e-3)
