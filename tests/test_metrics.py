@@ -245,6 +245,10 @@ def test_precision_recall_at_best_f1():
     # COCO AP at 0.5: envelope 1 for recall <= 0.5, 0.75 up to recall 0.75, 0 after
     expected = (51 * 1.0 + 25 * 0.75) / 101
     assert res["map50"] == pytest.approx(expected)
+    assert res["f1_conf"] <= 0.3 and "conf" not in res  # the F1-best confidence (--conf is the NMS threshold)
+    # the same detections by val.py's rule (tests/test_ultralytics_metric.py derives 0.78)
+    assert res["ultralytics"]["map50"] == pytest.approx(0.78)
+    assert res["ultralytics"]["precision"] == pytest.approx(0.75, abs=0.02)
     assert "mAP50-95" in m.table(res) and "all" in m.table(res)
 
 

@@ -304,21 +304,54 @@ def _missing_labels_text(stats: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ dataset
+def rect_batch_shapes(shapes_hw, batch_size: int, imgsz: int, stride: int = 32, pad: float = 0.0):
+    """Rectangular batches as YOLOv5's val loader builds them (``rect=True``).
+
+    ``shapes_hw`` (n, 2) original image sizes (h, w). Images are ordered by aspect ratio h / w (stable:
+    equal ratios keep their order) and cut into consecutive batches of ``batch_size``. A batch of images
+    all wider than tall gets the shape (max ratio, 1) * ``imgsz``, one of images all taller than wide
+    (1, 1 / min ratio) * ``imgsz``, any other batch (1, 1) * ``imgsz``; each side then becomes
+    ``ceil(side / stride + pad) * stride`` (so with ``pad=0.5`` square images at 320 get 352 x 352).
+
+    Returns ``(order, batch_shapes, batch_index)``: the image indices in the new order, the (nb, 2) int
+    (h, w) shape of each batch and the batch of each image in the new order.
+    """
+    hw = np.asarray(shapes_hw, np.float64).reshape(-1, 2)
+    order = np.argsort(hw[:, 0] / hw[:, 1], kind="stable")
+    ar = (hw[:, 0] / hw[:, 1])[order]
+    batch_index = np.arange(len(ar)) // batch_size
+    rel = np.ones((-(-len(ar) // batch_size), 2))  # (h, w) of each batch relative to imgsz
+    for b in range(len(rel)):
+        a = ar[batch_index == b]
+        if a.max() < 1:
+            rel[b] = a.max(), 1
+        elif a.min() > 1:
+            rel[b] = 1, 1 / a.min()
+    batch_shapes = np.ceil(rel * imgsz / stride + pad).astype(int) * stride
+    return order, batch_shapes, batch_index
+
+
 class YoloDataset(torch.utils.data.Dataset):
     """Images and labels of one split, letterboxed to ``imgsz``; with ``augment``, mosaic + affine + HSV + flips.
 
-    An item is ``(img uint8 (3, imgsz, imgsz) RGB, targets (n, 6) [0, class, cx, cy, w, h], path, shapes)``
-    with boxes normalised to the returned image; ``shapes = ((h0, w0), ((ratio_h, ratio_w), (pad_w, pad_h)))``
+    An item is ``(img uint8 (3, H, W) RGB, targets (n, 6) [0, class, cx, cy, w, h], path, shapes)`` with
+    boxes normalised to the returned image; ``shapes = ((h0, w0), ((ratio_h, ratio_w), (pad_w, pad_h)))``
     maps them back to the original image, or None for a mosaic. Indexing with ``(i, epoch)`` (what
     :class:`YoloSampler` yields) draws the augmentation from a generator seeded by (seed, epoch, i), so a
     run is reproducible whatever the number of workers.
 
+    H x W is imgsz x imgsz, or with ``rect`` (validation only) the shape of the image's batch from
+    :func:`rect_batch_shapes` (``batch_size``, ``stride``, ``pad``): images are then reordered by aspect
+    ratio, resized so the long side is ``imgsz`` and padded (grey 114, never enlarged) to their batch
+    shape, as YOLOv5 val.py's loader does.
+
     Attributes: ``im_files``, ``label_files``, ``labels`` (list of float32 (n, 5) class cx cy w h),
-    ``shapes`` (n, 2) original (h, w), ``stats`` (the counts of the summary line) and ``summary``.
+    ``shapes`` (n, 2) original (h, w), ``stats`` (the counts of the summary line), ``summary``, and with
+    ``rect`` ``batch_shapes`` ((nb, 2) h, w) and ``batch_index`` (the batch of each image).
     """
 
     def __init__(self, img_files, imgsz=640, augment=False, hyp=None, nc=None, prefix="", seed=0,
-                 cache=True, verbose=True):
+                 cache=True, verbose=True, rect=False, batch_size=16, stride=32, pad=0.0):
         if isinstance(img_files, (str, os.PathLike)):
             img_files = resolve_images(img_files, ".")
         img_files = [str(f) for f in img_files]
@@ -326,7 +359,10 @@ class YoloDataset(torch.utils.data.Dataset):
             raise UserError(f"{prefix}no image files given")
         if isinstance(imgsz, bool) or not isinstance(imgsz, int) or imgsz < 32:
             raise UserError(f"--imgsz {imgsz}: must be an integer >= 32")
+        if rect and augment:
+            raise UserError("--rect batches are for validation only (no augmentation)")
         self.imgsz, self.augment, self.seed, self.prefix = imgsz, bool(augment), int(seed), prefix
+        self.rect, self.batch_shapes, self.batch_index = bool(rect), None, None
         self.hyp = load_hyp(hyp)
         label_files = img2label_paths(img_files)
         records, counts, how = load_labels(img_files, label_files, cache)
@@ -359,6 +395,13 @@ class YoloDataset(torch.utils.data.Dataset):
             warn(f"{prefix}no label file holds a box: all {len(self.im_files)} images are background, so a "
                  f"detector learns nothing from them and mAP is 0; check that labels/ mirrors images/ with one "
                  f"'class cx cy w h' line per box ({_missing_labels_text(self.stats)})")
+        if self.rect:
+            order, self.batch_shapes, self.batch_index = rect_batch_shapes(self.shapes, batch_size, imgsz,
+                                                                           stride, pad)
+            self.im_files = [self.im_files[i] for i in order]
+            self.label_files = [self.label_files[i] for i in order]
+            self.labels = [self.labels[i] for i in order]
+            self.shapes = self.shapes[order]
         if self.augment and self.hyp["copy_paste"] and verbose:
             note(f"{prefix}hyp copy_paste needs segment labels; these box labels are used as they are")
 
@@ -381,7 +424,12 @@ class YoloDataset(torch.utils.data.Dataset):
         return len(self.im_files)
 
     def load_image(self, i):
-        """BGR image ``i`` resized so its long side is ``imgsz``; returns (img, (h0, w0), (h, w))."""
+        """BGR image ``i`` resized so its long side is ``imgsz``; returns (img, (h0, w0), (h, w)).
+
+        Sides are rounded to the nearest pixel, or with ``rect`` truncated as YOLOv5's loader does (up to
+        release v7.0; master since 2022-12 rounds up): val.py's model must see the same pixels (a 1-pixel
+        difference on some images moved mAP@0.5 by 0.006 on a 64-image set).
+        """
         im = cv2.imread(self.im_files[i])
         if im is None:  # passed verification but cannot be decoded now: a blank image, no boxes
             print(f"{self.prefix}warning: {self.im_files[i]} could not be decoded; using a blank image",
@@ -392,7 +440,8 @@ class YoloDataset(torch.utils.data.Dataset):
         h0, w0 = im.shape[:2]
         r = self.imgsz / max(h0, w0)
         if r != 1:
-            size = (min(max(round(w0 * r), 1), self.imgsz), min(max(round(h0 * r), 1), self.imgsz))
+            side = int if self.rect else round
+            size = (min(max(side(w0 * r), 1), self.imgsz), min(max(side(h0 * r), 1), self.imgsz))
             interp = cv2.INTER_LINEAR if (self.augment or r > 1) else cv2.INTER_AREA
             im = cv2.resize(im, size, interpolation=interp)
         return im, (h0, w0), im.shape[:2]
@@ -438,7 +487,8 @@ class YoloDataset(torch.utils.data.Dataset):
                 img, labels = mixup(img, labels, img2, labels2, rng)
         else:
             img, (h0, w0), (h, w) = self.load_image(index)
-            img, ratio, pad = letterbox(img, self.imgsz, auto=False, scaleup=self.augment)
+            shape = tuple(self.batch_shapes[self.batch_index[index]]) if self.rect else self.imgsz
+            img, ratio, pad = letterbox(img, shape, auto=False, scaleup=self.augment)
             shapes = (h0, w0), ((h / h0 * ratio[1], w / w0 * ratio[0]), pad)
             labels = self.labels[index].copy()
             if len(labels):
@@ -509,13 +559,18 @@ def _worker_init(worker_id):
 
 
 def create_dataloader(img_files, imgsz, batch_size, *, augment, hyp=None, workers=0, shuffle=False, seed=0,
-                      rank=-1, world_size=1, nc=None, prefix="", cache=True):
+                      rank=-1, world_size=1, nc=None, prefix="", cache=True, rect=False, pad=0.0, stride=32):
     """A DataLoader of ``(imgs, targets, paths, shapes)`` batches and its :class:`YoloDataset`.
 
     ``imgs`` uint8 (B, 3, imgsz, imgsz) RGB; ``targets`` float (N, 6) ``[batch_index, class, cx, cy, w, h]``
     normalised; ``paths`` list of str; ``shapes`` per image (see YoloDataset, None for mosaics).
     ``workers`` > 0 uses that many persistent worker processes; ``rank``/``world_size`` give each DDP
     process its share; ``seed`` fixes the shuffle order and the augmentation of every epoch.
+
+    ``rect=True`` (validation: no augment, shuffle or DDP split) gives YOLOv5 val.py's rectangular batches:
+    images in aspect-ratio order, each batch letterboxed to its own (H, W) from :func:`rect_batch_shapes`
+    with this ``pad`` and ``stride`` (the model's largest stride). val.py uses ``pad=0.5``; its batch
+    shapes also depend on ``batch_size``, so use the same batch size to reproduce its numbers.
     Returns ``(loader, dataset)``.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -524,8 +579,10 @@ def create_dataloader(img_files, imgsz, batch_size, *, augment, hyp=None, worker
         raise UserError(f"--workers {workers}: must be an integer >= 0")
     if world_size > 1 and not 0 <= rank < world_size:
         raise UserError(f"rank {rank} / world size {world_size}: need 0 <= rank < world_size")
+    if rect and (shuffle or world_size > 1):
+        raise UserError("--rect batches need the images in order: no shuffle and no DDP split")
     dataset = YoloDataset(img_files, imgsz, augment=augment, hyp=hyp, nc=nc, prefix=prefix, seed=seed,
-                          cache=cache)
+                          cache=cache, rect=rect, batch_size=batch_size, stride=stride, pad=pad)
     sampler = YoloSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=min(batch_size, len(dataset)), sampler=sampler, num_workers=workers,

@@ -1,11 +1,19 @@
-"""Boxes, IoU, NMS and COCO-equivalent detection metrics (plain torch / numpy, no torchvision).
+"""Boxes, IoU, NMS and detection metrics (plain torch / numpy, no torchvision).
 
 Box conventions: ``xyxy`` is (x1, y1, x2, y2), ``xywh`` is (center x, center y, w, h), both in pixels;
 areas are ``w * h`` with no "+1" (as COCO computes them).
 
-:class:`DetectionMetrics` reproduces pycocotools' ``COCOeval`` (iouType 'bbox', IoU thresholds 0.50:0.95,
-101 recall points, area 'all') on predictions and ground truth accumulated image by image, without
-writing JSON; :func:`to_coco_json` writes the same data as COCO files for pycocotools or other tools.
+:class:`DetectionMetrics` computes two metrics from the same accumulated detections, every time:
+
+- COCO: reproduces pycocotools' ``COCOeval`` (iouType 'bbox', IoU thresholds 0.50:0.95, 101 recall
+  points, area 'all'): per threshold, detections in score order take the best unmatched GT; AP is the
+  mean of the precision envelope sampled at 101 recall points.
+- ultralytics: reproduces YOLOv5 ``val.py`` (``process_batch`` + ``ap_per_class`` / ``compute_ap``):
+  per threshold, each detection picks its highest-IoU GT and a GT keeps the first (most confident)
+  detection that picked it (:func:`match_detections_ultralytics`); AP integrates the envelope of the
+  padded precision/recall curve by the trapezoid rule over 101 points (:func:`ap_trapezoid`).
+
+:func:`to_coco_json` writes the same data as COCO files for pycocotools or other tools.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ MAX_WH = 7680
 # COCOeval's parameters, computed the same way so that floating-point comparisons agree exactly.
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1)
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
 
 
 # --------------------------------------------------------------------------- box helpers
@@ -247,6 +256,57 @@ def match_detections(iou: np.ndarray, iou_thresholds=IOU_THRESHOLDS) -> np.ndarr
     return tp
 
 
+def match_detections_ultralytics(iou: np.ndarray, det_cls, gt_cls, iou_thresholds=IOU_THRESHOLDS) -> np.ndarray:
+    """YOLOv5 val.py matching of one image: (T, D) bool, True where detection d is a true positive at
+    threshold t.
+
+    ``iou`` is (D, G) with detections in the image's NMS output order (descending confidence);
+    ``det_cls`` (D,) and ``gt_cls`` (G,) are the classes. A (detection, GT) pair is a candidate when the
+    classes agree and IoU >= threshold. As val.py's ``process_batch`` resolves the candidates: each
+    detection picks its highest-IoU GT (on a tie the later GT), then each GT keeps the first detection
+    (lowest index) among those that picked it. A detection whose pick went to an earlier detection is a
+    false positive even if another GT was free: this is not COCO's matching, nor a global IoU-greedy one.
+    """
+    nd, ng = iou.shape
+    thr = np.asarray(iou_thresholds, dtype=np.float64)
+    tp = np.zeros((len(thr), nd), dtype=bool)
+    if nd == 0 or ng == 0:
+        return tp
+    iou = np.where(np.asarray(det_cls).reshape(-1, 1) == np.asarray(gt_cls).reshape(1, -1), iou, -1.0)
+    rows = np.nonzero(iou.max(1) >= thr.min())[0]  # the others match nothing at any threshold
+    cand = iou[None, rows] >= thr[:, None, None]  # (T, rows, G)
+    best = ng - 1 - np.argmax(np.where(cand, iou[None, rows], -1.0)[..., ::-1], axis=2)  # (T, rows)
+    t_idx, r_idx = np.nonzero(cand.any(2))  # by threshold, then by detection index
+    _, first = np.unique(t_idx * ng + best[t_idx, r_idx], return_index=True)  # first detection per (t, GT)
+    tp[t_idx[first], rows[r_idx[first]]] = True
+    return tp
+
+
+def coco_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """COCOeval's AP of one precision/recall curve (detections by descending score): the precision
+    envelope sampled at the 101 recall thresholds 0, 0.01, ..., 1 (0 beyond the highest recall), averaged."""
+    n = len(recall)
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    idx = np.searchsorted(recall, RECALL_THRESHOLDS, side="left")
+    q = np.where(idx < n, envelope[np.minimum(idx, n - 1)], 0.0)
+    return q.mean()
+
+
+def ap_trapezoid(recall: np.ndarray, precision: np.ndarray) -> float:
+    """YOLOv5's AP of one precision/recall curve (detections by descending score), as its ``compute_ap``.
+
+    The curve is padded with (recall 0, precision 1) in front and (recall 1, precision 0) at the end,
+    replaced by its monotone envelope, linearly interpolated at the 101 recall points 0, 0.01, ..., 1 and
+    integrated by the trapezoid rule. Unlike :func:`coco_ap`, the padding adds a ramp from the last
+    recall to (1, 0), and the trapezoid weighs the end points by half.
+    """
+    mrec = np.concatenate(([0.0], recall, [1.0]))
+    mpre = np.concatenate(([1.0], precision, [0.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    x = np.linspace(0, 1, 101)
+    return float(_trapezoid(np.interp(x, mrec, mpre), x))
+
+
 def _smooth(y, f=0.05):
     """Box filter over a fraction ``f`` of the points (ultralytics smooths the F1 curve this way)."""
     nf = round(len(y) * f * 2) // 2 + 1
@@ -255,12 +315,18 @@ def _smooth(y, f=0.05):
 
 
 class DetectionMetrics:
-    """Accumulates per-image detections and ground truth; computes COCO mAP and P/R.
+    """Accumulates per-image detections and ground truth; computes COCO and ultralytics mAP and P/R.
 
-    Agrees with pycocotools ``COCOeval`` (bbox, area 'all', ``maxDets[-1] == max_det``) on the same data:
-    matching per IoU threshold in score order, 101-point interpolated precision envelope, classes without
-    ground truth left out of the means. As in COCOeval, ``max_det`` caps detections per image *and class*
-    (by score). No crowd / ignore regions. Score ties are broken by update order (COCO: image id order).
+    The COCO metric agrees with pycocotools ``COCOeval`` (bbox, area 'all', ``maxDets[-1] == max_det``) on
+    the same data: matching per IoU threshold in score order, 101-point interpolated precision envelope,
+    classes without ground truth left out of the means. As in COCOeval, ``max_det`` caps detections per
+    image *and class* (by score). No crowd / ignore regions. Score ties are broken by update order (COCO:
+    image id order).
+
+    The ultralytics metric reproduces YOLOv5 ``val.py`` on the same data: :func:`match_detections_ultralytics`
+    on every detection given (no ``max_det`` cap; val.py's cap is the NMS ``max_det``), AP by
+    :func:`ap_trapezoid`, classes without ground truth left out of the means (as val.py, whose classes are
+    those of the labels). Detections must come in NMS output order (descending confidence) per image.
 
     Usage: ``m = DetectionMetrics(nc, names)``; per image ``m.update(pred, gt_boxes, gt_cls)`` with ``pred``
     (n, 6) [x1, y1, x2, y2, conf, cls] (the output of :func:`non_max_suppression`, in the same pixel
@@ -279,7 +345,8 @@ class DetectionMetrics:
 
     def reset(self):
         """Forget everything accumulated."""
-        self._scores, self._cls, self._tp = [], [], []
+        self._scores, self._cls, self._tp = [], [], []  # COCO: capped at max_det, (T, n) matches
+        self._ul_scores, self._ul_cls, self._ul_tp = [], [], []  # ultralytics: every detection
         self.instances = np.zeros(self.nc, dtype=np.int64)  # GT boxes per class
         self.images_per_class = np.zeros(self.nc, dtype=np.int64)  # images holding the class in GT
         self.seen = 0
@@ -307,6 +374,7 @@ class DetectionMetrics:
         self.seen += 1
         np.add.at(self.instances, gc, 1)
         self.images_per_class[np.unique(gc)] += 1
+        self._update_ultralytics(p, pc, g, gc)
         # detections grouped by class, by descending score within a class (stable), at most max_det each
         order = np.lexsort((-p[:, 4], pc))
         p, pc = p[order], pc[order]
@@ -320,27 +388,51 @@ class DetectionMetrics:
         self._cls.append(pc)
         self._tp.append(tp)
 
-    def compute(self) -> dict:
-        """The metrics over everything accumulated.
+    def _update_ultralytics(self, p, pc, g, gc):
+        """val.py's matches of one image, on all its detections in the order given."""
+        tp = np.zeros((len(IOU_THRESHOLDS), len(p)), dtype=bool)
+        if len(p) and len(g):
+            iou = box_iou(torch.from_numpy(p[:, :4]), torch.from_numpy(g)).numpy()
+            tp = match_detections_ultralytics(iou, pc, gc)
+        self._ul_scores.append(p[:, 4].astype(np.float32))  # val.py ranks float32 confidences
+        self._ul_cls.append(pc)
+        self._ul_tp.append(tp)
 
-        Returns a dict: ``map`` (mAP@0.5:0.95, COCO AP), ``map50`` (COCO AP at IoU 0.5), ``precision`` and
-        ``recall`` (means over classes with GT, at the confidence ``conf`` that maximises the smoothed
-        mean-over-classes F1 at IoU 0.5 on a 1000-point grid, as ultralytics reports P and R), ``conf``,
-        ``images``, ``instances``, ``maps`` (list of per-class mAP@0.5:0.95, ``None`` for classes without GT)
-        and ``per_class``: one dict per class with GT, with keys ``class``, ``name``, ``images``,
-        ``instances``, ``precision``, ``recall``, ``map50``, ``map``. All means are 0.0 when there is no GT.
+    def compute(self) -> dict:
+        """Both metrics over everything accumulated.
+
+        Returns the COCO metrics at the top level (the keys below), and the same keys computed as YOLOv5
+        val.py does under ``"ultralytics"`` (``res["ultralytics"]["map50"]`` is val.py's mAP@0.5). Keys:
+        ``map`` (mAP@0.5:0.95), ``map50`` (AP at IoU 0.5), ``precision`` and ``recall`` (means over classes
+        with GT, at the confidence ``f1_conf`` that maximises the smoothed mean-over-classes F1 at IoU 0.5
+        on a 1000-point grid, as ultralytics reports P and R), ``f1_conf``, ``images``, ``instances``,
+        ``maps`` (list of per-class mAP@0.5:0.95, ``None`` for classes without GT; val.py fills those with
+        the mean) and ``per_class``: one dict per class with GT, with keys ``class``, ``name``, ``images``
+        (images holding the class), ``instances``, ``precision``, ``recall``, ``map50``, ``map``. All means
+        are 0.0 when there is no GT. Classes with GT but no detection count as AP, P and R 0 in both.
+        """
+        res = self._summary(self._scores, self._cls, self._tp, coco_ap, sort_kind="mergesort")
+        res["ultralytics"] = self._summary(self._ul_scores, self._ul_cls, self._ul_tp, ap_trapezoid,
+                                           sort_kind="quicksort")
+        return res
+
+    def _summary(self, scores, cls, tp, ap_fn, sort_kind) -> dict:
+        """The metrics dict of one matching (per-image lists of scores, classes, (T, n) TPs) and AP rule.
+
+        Detections are ranked by ``np.argsort(-scores, kind=sort_kind)`` over everything: "mergesort"
+        breaks score ties by update order (COCO), "quicksort" on float32 scores as val.py does.
         """
         T = len(IOU_THRESHOLDS)
-        scores = np.concatenate(self._scores) if self._scores else np.zeros(0)
-        cls = np.concatenate(self._cls) if self._cls else np.zeros(0, dtype=np.int64)
-        tp = np.concatenate(self._tp, 1) if self._tp else np.zeros((T, 0), dtype=bool)
+        scores = np.concatenate(scores) if scores else np.zeros(0)
+        cls = np.concatenate(cls) if cls else np.zeros(0, dtype=np.int64)
+        tp = np.concatenate(tp, 1) if tp else np.zeros((T, 0), dtype=bool)
         px = np.linspace(0, 1, 1000)
         classes = np.nonzero(self.instances > 0)[0]
+        ranked = np.argsort(-scores, kind=sort_kind)
         ap = np.zeros((len(classes), T))
         p_curve, r_curve = np.zeros((len(classes), len(px))), np.zeros((len(classes), len(px)))
         for k, c in enumerate(classes):
-            sel = np.nonzero(cls == c)[0]
-            order = sel[np.argsort(-scores[sel], kind="mergesort")]
+            order = ranked[cls[ranked] == c]
             if not len(order):
                 continue
             conf, tpc, npig = scores[order], tp[:, order], self.instances[c]
@@ -349,10 +441,7 @@ class DetectionMetrics:
             rc = tps / npig
             pr = tps / (tps + fps + np.spacing(1))
             for t in range(T):
-                envelope = np.maximum.accumulate(pr[t][::-1])[::-1]
-                idx = np.searchsorted(rc[t], RECALL_THRESHOLDS, side="left")
-                q = np.where(idx < len(conf), envelope[np.minimum(idx, len(conf) - 1)], 0.0)
-                ap[k, t] = q.mean()
+                ap[k, t] = ap_fn(rc[t], pr[t])
             r_curve[k] = np.interp(-px, -conf, rc[0], left=0)  # P/R vs confidence threshold, IoU 0.5
             p_curve[k] = np.interp(-px, -conf, pr[0], left=1)
         f1 = 2 * p_curve * r_curve / (p_curve + r_curve + 1e-16)
@@ -367,11 +456,13 @@ class DetectionMetrics:
                               "recall": float(r[k]), "map50": float(ap[k, 0]), "map": float(ap[k].mean())})
         mean = (lambda a: float(a.mean()) if len(classes) else 0.0)
         return {"precision": mean(p), "recall": mean(r), "map50": mean(ap[:, 0]), "map": mean(ap),
-                "conf": float(px[i]), "images": self.seen, "instances": int(self.instances.sum()),
+                "f1_conf": float(px[i]), "images": self.seen, "instances": int(self.instances.sum()),
                 "maps": maps, "per_class": per_class}
 
     def table(self, results: dict | None = None, per_class: bool = True, markdown: bool = False) -> str:
-        """The ultralytics-style validation table (all, then one row per class with GT) as text."""
+        """The ultralytics-style validation table (all, then one row per class with GT) as text.
+
+        ``results`` is :meth:`compute`'s dict (the COCO numbers) or its ``["ultralytics"]`` part."""
         res = results if results is not None else self.compute()
         headers = ["Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95"]
         rows = [["all", res["images"], res["instances"], res["precision"], res["recall"], res["map50"], res["map"]]]
@@ -383,7 +474,9 @@ class DetectionMetrics:
 
 
 def fitness(results: dict) -> float:
-    """Single model-selection score, as ultralytics: 0.1 * mAP@0.5 + 0.9 * mAP@0.5:0.95."""
+    """Single model-selection score, as ultralytics: 0.1 * mAP@0.5 + 0.9 * mAP@0.5:0.95.
+
+    ``fitness(res["ultralytics"])`` is val.py's fitness; ``fitness(res)`` the same formula on COCO mAP."""
     return 0.1 * results["map50"] + 0.9 * results["map"]
 
 

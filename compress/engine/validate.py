@@ -1,4 +1,4 @@
-"""Validation (NMS + COCO-equivalent mAP) and adaptive BatchNorm recalibration."""
+"""Validation (NMS + COCO-equivalent and YOLOv5 val.py-equivalent mAP) and adaptive BatchNorm recalibration."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +8,8 @@ from tqdm import tqdm
 from ..data.augment import scale_boxes
 from ..tables import format_table
 from .metrics import DetectionMetrics, non_max_suppression, xywh2xyxy
+
+METRICS = ("coco", "ultralytics")  # the two definitions every evaluation computes; see select_metric
 
 
 def torch_predictor(model, device="cpu", half=False):
@@ -24,12 +26,15 @@ def torch_predictor(model, device="cpu", half=False):
 
 def evaluate(predict, batches, nc: int, names=None, conf_thres=0.001, iou_thres=0.6, max_det=300,
              desc="val", progress=True, keep_records=False, loss_fn=None) -> dict:
-    """Run ``predict`` over ``batches`` and compute P, R, mAP@0.5 and mAP@0.5:0.95 (COCO-equivalent).
+    """Run ``predict`` over ``batches`` and compute P, R, mAP@0.5 and mAP@0.5:0.95 by both definitions.
 
     ``predict`` maps uint8-derived float images to decoded predictions (B, anchors, 5 + nc);
     ``batches`` is any iterable of ``(imgs, targets, paths, shapes)`` as the val loader yields (a loader,
-    or a list of cached batches). Boxes are compared in original image coordinates. Returns the metrics
-    dict of :class:`DetectionMetrics` (with ``records`` for COCO JSON when ``keep_records``).
+    rectangular batches of any shape included, or a list of cached batches). Boxes are compared in
+    original image coordinates. Returns the metrics dict of :meth:`DetectionMetrics.compute`: the COCO
+    metrics at the top level and YOLOv5 val.py's under ``"ultralytics"`` (see :func:`select_metric`),
+    with ``records`` for COCO JSON when ``keep_records``. To reproduce val.py's numbers feed a loader
+    built with ``rect=True, pad=0.5`` and val.py's batch size, ``conf_thres=0.001``, ``iou_thres=0.6``.
     """
     metrics = DetectionMetrics(nc, names, keep_records=keep_records)
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -56,8 +61,22 @@ def evaluate(predict, batches, nc: int, names=None, conf_thres=0.001, iou_thres=
     return res
 
 
+def select_metric(results: dict, metric: str = "coco") -> dict:
+    """The metrics of one definition from :func:`evaluate`'s dict: ``"coco"`` (pycocotools-equivalent, the
+    top-level keys) or ``"ultralytics"`` (YOLOv5 val.py-equivalent). Both have the same keys
+    (``precision``, ``recall``, ``map50``, ``map``, ``f1_conf``, ``images``, ``instances``, ``maps``,
+    ``per_class``), so :func:`metrics_table` and ``fitness`` take either."""
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r}: expected one of {', '.join(METRICS)}")
+    if metric == "ultralytics":
+        return results["ultralytics"]
+    return {k: v for k, v in results.items() if k not in ("ultralytics", "records")}
+
+
 def metrics_table(results: dict) -> str:
-    """The per-class + overall metrics table ultralytics users know (P, R, mAP50, mAP50-95)."""
+    """The per-class + overall metrics table ultralytics users know (P, R, mAP50, mAP50-95).
+
+    ``results``: :func:`evaluate`'s dict (COCO numbers) or :func:`select_metric` of it."""
     rows = [["all", results.get("images", ""), results.get("instances", ""), f"{results['precision']:.3f}",
              f"{results['recall']:.3f}", f"{results['map50']:.3f}", f"{results['map']:.3f}"]]
     for c in results.get("per_class", []):
