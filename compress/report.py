@@ -60,7 +60,16 @@ class Report:
             return None
 
     def set_metrics(self, res: dict, metric: str = "coco") -> "Report":
-        """Take mAP (and P/R, into details) from an evaluation result in the named definition."""
-        self.map50, self.map, self.metric = res["map50"], res["map"], metric
-        self.details.update(precision=res.get("precision"), recall=res.get("recall"))
+        """Take mAP from an evaluation result (:func:`compress.engine.validate.evaluate`) in the named definition.
+
+        ``map50``/``map``/``precision``/``recall`` follow ``metric``; when the result holds both
+        definitions, ``details`` keeps both under their names (``coco``, ``ultralytics``), so nobody has to
+        guess which one a number is.
+        """
+        chosen = res.get(metric, res) if metric != "coco" else res
+        self.map50, self.map, self.metric = chosen["map50"], chosen["map"], metric
+        self.details.update(precision=chosen.get("precision"), recall=chosen.get("recall"))
+        if isinstance(res.get("ultralytics"), dict):
+            for name, r in (("coco", res), ("ultralytics", res["ultralytics"])):
+                self.details[name] = {k: r.get(k) for k in ("map50", "map", "precision", "recall")}
         return self

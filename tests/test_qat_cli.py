@@ -83,3 +83,46 @@ def test_qat_bad_input(trained, synth_data, tmp_path):
     p = cli("qat", "--cfg", tmp_path / "x", "--weights", tmp_path / "q.pt", "--data", synth_data,
             "--backend", "NNIE", "--out", tmp_path / "d")
     assert p.returncode == 2
+
+
+def test_one_qat_run_ships_one_model(trained, synth_data, tmp_path, monkeypatch):
+    """With the best epoch (1) not the last (2), weights.pt, qat_state.pt, deploy/ and every reported mAP
+    describe epoch 1."""
+    import compress.engine.trainer as trainer
+    from compress.cli import main
+    from compress.data.dataset import load_data_yaml
+    from compress.engine.validate import evaluate, load_batches, torch_predictor
+    from compress.quant import OnnxDetector, load_qat_state, onnx_vs_torch
+
+    scores = iter([1.0, 0.0])  # the trainer's fitness: epoch 1 is the best
+    monkeypatch.setattr(trainer, "fitness", lambda res: next(scores))
+    out = tmp_path / "q"
+    assert main(["qat", "--weights", str(trained), "--data", str(synth_data), "--backend", "Tensorrt", "--epochs",
+                 "2", "--imgsz", "64", "--batch", "4", "--calib-batches", "2", "--workers", "0", "--out",
+                 str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["best_epoch"] == 1 and rep["final_epoch"] == 2 and rep["epoch"] == 1
+    best_state = torch.load(out / "qat_state.pt", weights_only=True)
+    last_state = torch.load(out / "last" / "qat_state.pt", weights_only=True)
+    assert any(not torch.equal(best_state[k], last_state[k]) for k in best_state)  # epoch 2 did change it
+
+    float_model = compress.load_model(trained)
+    best, last = prepare_qat(float_model, "Tensorrt"), prepare_qat(float_model, "Tensorrt")
+    load_qat_state(best, out / "qat_state.pt")
+    load_qat_state(last, out / "last" / "qat_state.pt")
+    # weights.pt: the float weights of the epoch-1 QAT model
+    w = torch.load(out / "weights.pt", weights_only=True)
+    assert all(torch.equal(w[k], v) for k, v in float_state_dict(best, float_model).items())
+    # the fake-quant mAP reported is the epoch-1 model's, on the same val images
+    data = load_data_yaml(synth_data)
+    val = load_batches(data["val"], 64, 8, None, data["nc"], shuffle=False)
+    res = evaluate(torch_predictor(best.eval()), val, data["nc"], data["names"], progress=False)
+    assert res["map"] == pytest.approx(rep["qat_map"], abs=1e-12)
+    # deploy/: the int8 ONNX is the epoch-1 model, not the last one
+    qdq = out / "deploy" / "model_qdq.onnx"
+    x = val[0][0].float() / 255
+    ref, got = onnx_vs_torch(qdq, best, x)
+    ref_last, _ = onnx_vs_torch(qdq, last, x)
+    assert float((got - ref).abs().max()) < float((got - ref_last).abs().max())
+    int8 = evaluate(OnnxDetector(qdq), val, data["nc"], data["names"], progress=False)
+    assert int8["map"] == pytest.approx(rep["int8_map"], abs=1e-12) and rep["map"] == rep["int8_map"]

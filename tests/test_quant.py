@@ -209,10 +209,11 @@ def test_tensorrt_qat_and_qdq_onnx_matches_fake_quant(runs):
           f"{float(ref.abs().max()):.0f} px); {int((per_image <= tol).sum())}/16 images match, their max diff "
           f"{float(per_image[per_image <= tol].max()):.2g}")
     # The int8 model computes what the fake-quantized model computes, to float rounding. Only where a value
-    # falls on a rounding tie (torch multiplies by 1/scale, onnxruntime divides by it) one step can flip and
-    # spread through this untrained model, so most images, not all, must match: any error in the exported
-    # scales, zero points, channel axes or ranges would make every image differ.
-    assert int((per_image <= tol).sum()) >= 10, per_image  # measured: about 92% of images match
+    # falls within an ulp of a rounding tie (torch multiplies by 1/scale, onnxruntime divides by it) one step
+    # flips, and in this untrained model it spreads to most outputs of that image. Measured over 7 image
+    # seeds: 12 to 15 of 16 images match to 1e-6 (relative), so at least 12 must; any error in the exported
+    # scales, zero points, channel axes or ranges makes every image differ.
+    assert int((per_image <= tol).sum()) >= 12, per_image
     # the float deploy model (BN folded, weights clipped, no activation quantization) runs too, and the
     # same check tells it apart from the fake-quantized model
     flt = OnnxDetector(f["deploy_onnx"])(x)

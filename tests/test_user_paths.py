@@ -324,3 +324,8 @@ def test_recipe_rerun_resumes_the_interrupted_stage(tmp_path, tiny_cfg_file, syn
     cands = (out / "2-eagleeye" / "candidates.jsonl").read_text()
     assert cands.startswith(first_two) and len(cands.splitlines()) == 4
     assert [r["stage"] for r in s["stages"]] == ["1-train", "2-eagleeye"]
+
+
+def test_resume_needs_a_folder(capsys):
+    assert main(["train", "--resume"]) == 2
+    assert "--resume needs the run folder" in capsys.readouterr().err

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from ..fileio import write_text
-from ..tables import format_table
 
 # Offset added per class so that one NMS call never suppresses across classes (ultralytics' max_wh).
 MAX_WH = 7680
@@ -458,19 +457,6 @@ class DetectionMetrics:
         return {"precision": mean(p), "recall": mean(r), "map50": mean(ap[:, 0]), "map": mean(ap),
                 "f1_conf": float(px[i]), "images": self.seen, "instances": int(self.instances.sum()),
                 "maps": maps, "per_class": per_class}
-
-    def table(self, results: dict | None = None, per_class: bool = True, markdown: bool = False) -> str:
-        """The ultralytics-style validation table (all, then one row per class with GT) as text.
-
-        ``results`` is :meth:`compute`'s dict (the COCO numbers) or its ``["ultralytics"]`` part."""
-        res = results if results is not None else self.compute()
-        headers = ["Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95"]
-        rows = [["all", res["images"], res["instances"], res["precision"], res["recall"], res["map50"], res["map"]]]
-        if per_class:
-            rows += [[c["name"], c["images"], c["instances"], c["precision"], c["recall"], c["map50"], c["map"]]
-                     for c in res["per_class"]]
-        rows = [[v if not isinstance(v, float) else round(v, 3) for v in r] for r in rows]
-        return format_table(headers, rows, markdown=markdown)
 
 
 def fitness(results: dict) -> float:

@@ -25,7 +25,7 @@ def torch_predictor(model, device="cpu", half=False):
 
 
 def evaluate(predict, batches, nc: int, names=None, conf_thres=0.001, iou_thres=0.6, max_det=300,
-             desc="val", progress=True, keep_records=False, loss_fn=None) -> dict:
+             desc="val", progress=True, keep_records=False) -> dict:
     """Run ``predict`` over ``batches`` and compute P, R, mAP@0.5 and mAP@0.5:0.95 by both definitions.
 
     ``predict`` maps uint8-derived float images to decoded predictions (B, anchors, 5 + nc);
