@@ -2,17 +2,30 @@
 from __future__ import annotations
 
 
-def _fmt(v):
+def _decimals(values) -> int:
+    """Decimals for a column of floats: the same for every row, chosen by the column's largest value."""
+    top = max((abs(v) for v in values if v == v), default=0.0)
+    return 4 if top < 1 else 3 if top < 100 else 1 if top < 1e4 else 0
+
+
+def _fmt(v, decimals=None):
     if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        if decimals is None:
+            decimals = _decimals([v])
+        return f"{v:,.{decimals}f}"
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     return "" if v is None else str(v)
 
 
 def format_table(headers, rows, markdown: bool = False) -> str:
-    """Render ``rows`` (lists of values) under ``headers`` as aligned text, or as a markdown table."""
-    cells = [[_fmt(v) for v in r] for r in rows]
+    """Render ``rows`` (lists of values) under ``headers`` as aligned text, or as a markdown table.
+
+    Integers get thousands separators; the floats of a column all get the same number of decimals.
+    """
+    columns = list(zip(*rows)) if rows else []
+    decimals = [_decimals([v for v in col if isinstance(v, float)]) for col in columns]
+    cells = [[_fmt(v, decimals[i]) for i, v in enumerate(r)] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in cells]

@@ -479,7 +479,7 @@ def _write_results(out: Path, history: list) -> None:
     lines = [",".join(keys)] + [",".join(_csv(r.get(k)) for k in keys) for r in history]
     write_text(out / "results.csv", "\n".join(lines) + "\n")
     try:
-        plot_results(out / "results.png", history)
+        plot_results(out / "results.png", history, title=str(out))
     except Exception as e:  # a plot must never stop training
         warn(f"could not plot results.png ({e})")
 
@@ -488,8 +488,8 @@ def _csv(v):
     return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
 
 
-def plot_results(path, history) -> None:
-    """Loss and mAP curves per epoch as a PNG (written atomically)."""
+def plot_results(path, history, title: str | None = None) -> None:
+    """Loss and mAP curves per epoch as a PNG (written atomically); ``title`` names the run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -510,6 +510,8 @@ def plot_results(path, history) -> None:
     ax[3].legend()
     for a in ax:
         a.set_xlabel("epoch")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

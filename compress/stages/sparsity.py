@@ -115,7 +115,7 @@ class SparsityCallback(Callback):
               f"{st['lt_1e-3']:.1%} < 1e-3 (median {st['median']:.3g}); histogram: {trainer.out / HIST_FILE}")
         try:
             plot_gamma_hist(g, trainer.out / HIST_FILE,
-                            f"epoch {trainer.epoch + 1}/{trainer.opts.epochs}, sparsity {s:.3g}: "
+                            f"{trainer.out}: epoch {trainer.epoch + 1}/{trainer.opts.epochs}, sparsity {s:.3g}: "
                             f"{st['lt_1e-2']:.1%} of {st['n']} below 1e-2")
         except Exception as e:  # a plot must never stop training
             warn(f"could not plot {HIST_FILE} ({e})")
