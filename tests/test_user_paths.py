@@ -235,11 +235,10 @@ class Crash(Exception):
     pass
 
 
-def test_unfinished_train_is_refused_as_weights_and_resumes(tmp_path, tiny_cfg_file, synth_data, monkeypatch,
-                                                              capsys):
+def crash_training_after_first_epoch(monkeypatch):
+    """Make the trainer die right after it saved epoch 1 (checkpoint and artifact written): a power cut."""
     import compress.engine.trainer as trainer
 
-    out = tmp_path / "run"
     save = trainer.Trainer._save
 
     def crash_after_first(self, epoch, improved, metrics):
@@ -248,6 +247,12 @@ def test_unfinished_train_is_refused_as_weights_and_resumes(tmp_path, tiny_cfg_f
             raise Crash("power cut")
 
     monkeypatch.setattr(trainer.Trainer, "_save", crash_after_first)
+
+
+def test_unfinished_train_is_refused_as_weights_and_resumes(tmp_path, tiny_cfg_file, synth_data, monkeypatch,
+                                                              capsys):
+    out = tmp_path / "run"
+    crash_training_after_first_epoch(monkeypatch)
     args = ["train", "--cfg", str(tiny_cfg_file), "--data", str(synth_data), "--epochs", "2", "--imgsz", "64",
             "--batch", "8", "--workers", "0", "--out", str(out)]
     with pytest.raises(Crash):
@@ -284,21 +289,13 @@ stages:
 
 
 def test_recipe_rerun_resumes_the_interrupted_stage(tmp_path, tiny_cfg_file, synth_data, monkeypatch, capsys):
-    import compress.engine.trainer as trainer
     import compress.stages.eagleeye as ee
     from compress.recipe import run_recipe
 
     f = tmp_path / "r.yaml"
     f.write_text(RESUME_RECIPE.format(data=synth_data, cfg=tiny_cfg_file))
     out = tmp_path / "out"
-    save = trainer.Trainer._save
-
-    def crash_after_first(self, epoch, improved, metrics):
-        save(self, epoch, improved, metrics)
-        if epoch == 0:
-            raise Crash("power cut")
-
-    monkeypatch.setattr(trainer.Trainer, "_save", crash_after_first)
+    crash_training_after_first_epoch(monkeypatch)
     with pytest.raises(Crash):
         run_recipe(f, out)
     monkeypatch.undo()
