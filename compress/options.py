@@ -223,13 +223,6 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-class RaisingParser(argparse.ArgumentParser):
-    """argparse that raises UserError instead of exiting (for parsing inside a recipe)."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
 def default_text(f) -> str | None:
     """How --help shows a field's default (None: show nothing)."""
     md = f.metadata
@@ -283,11 +276,6 @@ def add_arguments(parser, cls, skip=()) -> None:
         if md.get("required"):
             kw["required"] = True
         target.add_argument(*strings, **kw)
-
-
-def parser_flags(parser) -> set:
-    """Every option string a parser accepts."""
-    return {s for a in parser._actions for s in a.option_strings}
 
 
 # ----------------------------------------------------------------------------------------------- mixins

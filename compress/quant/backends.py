@@ -17,8 +17,7 @@ class Backend:
 
     ``params_file``: the range/parameter file its deploy writes (``{}`` is the model name);
     ``qdq_onnx``: deploy also writes a QuantizeLinear/DequantizeLinear ONNX (scored in onnxruntime);
-    ``quantizes_outputs``: MQBench quantizes layer outputs (so the Detect node is named, and only its
-    inputs get quantizers); ``exclude_output``: the graph output must not be quantized;
+    ``exclude_output``: the graph output must not be quantized (MQBench would quantize it);
     ``observe_weights``: weight observers stay on after calibration (no learnable weight range);
     ``typed_leaf_weights``: weight quantizers inside leaf modules need their type set by hand;
     ``requires``: extra Python packages the deploy step imports.
@@ -28,25 +27,24 @@ class Backend:
     deploy_onnx: str = "{}_deploy_model.onnx"
     params_file: str = "{}_clip_ranges.json"
     qdq_onnx: bool = False
-    quantizes_outputs: bool = False
     exclude_output: bool = False
     observe_weights: bool = False
     typed_leaf_weights: bool = False
     requires: tuple = ()
-    note: str = ""
 
 
 # Backends whose full flow (prepare, calibrate, train, deploy) runs on YOLOv5 with mqbench-torch2 0.1.1.
 _TABLE = (
-    Backend("NNIE", params_file="{}_gfpq_param_dict.json", observe_weights=True,
-            note="HiSilicon NNIE: deploy ONNX (Upsample ops) + gfpq_param_dict.json for the NNIE mapper"),
-    Backend("Tensorrt", qdq_onnx=True, note="TensorRT: deploy ONNX + clip_ranges.json + int8 Q/DQ ONNX"),
-    Backend("SNPE", quantizes_outputs=True),
-    Backend("PPLW8A16", quantizes_outputs=True),
+    # HiSilicon NNIE: deploy ONNX (Upsample ops) + gfpq_param_dict.json for the NNIE mapper
+    Backend("NNIE", params_file="{}_gfpq_param_dict.json", observe_weights=True),
+    # TensorRT: deploy ONNX + clip_ranges.json + the int8 Q/DQ ONNX
+    Backend("Tensorrt", qdq_onnx=True),
+    Backend("SNPE"),
+    Backend("PPLW8A16"),
     Backend("Vitis", typed_leaf_weights=True),
-    Backend("OPENVINO", note="the deploy ONNX uses OpenVINO-only fake-quantize ops"),
+    Backend("OPENVINO"),  # its deploy ONNX uses OpenVINO-only fake-quantize ops
     Backend("Tengine_u8", deploy_onnx="{}_for_tengine.onnx", params_file="{}_for_tengine.scale",
-            quantizes_outputs=True, exclude_output=True, requires=("onnxsim",)),
+            exclude_output=True, requires=("onnxsim",)),
 )
 BACKENDS = {b.name: b for b in _TABLE}
 REFUSED = {

@@ -52,11 +52,6 @@ STAGES = {s.name: s for s in (
 )}
 
 
-def get_stage(name: str) -> StageSpec:
-    """The stage called ``name`` (KeyError if there is none)."""
-    return STAGES[name]
-
-
 def stage_for_command(command: str) -> StageSpec:
     """The stage a CLI command runs (``train`` for ``compress train``)."""
     return next(s for s in STAGES.values() if s.command == command)
