@@ -193,7 +193,7 @@ def _check_data(path, data):
         if not _rel(path, data).is_file():
             raise UserError(f"{path}: data: no such dataset file '{data}'")
     elif isinstance(data, dict) and set(data) == {"synthetic"}:
-        from .data.synth import SHAPES
+        from .data.shapes import SHAPES
 
         syn = data["synthetic"] or {}
         if not isinstance(syn, dict):

@@ -5,13 +5,10 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import UserError
-from ..data.dataset import YoloDataset, load_data_yaml
-from ..data.synth import SHAPES, make_synthetic_dataset
 from ..fileio import check_writable, new_run_dir
-from ..tables import format_table
+
+from ..data.shapes import SHAPES
 
 
 def register(sub):
@@ -41,6 +38,8 @@ def register(sub):
 
 def run_synth(args):
     """Write the synthetic dataset and say where."""
+    from ..data.synth import make_synthetic_dataset
+
     out = Path(args.out) if args.out else new_run_dir("data", args.name)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder")
@@ -55,6 +54,11 @@ def run_synth(args):
 
 def run_check(args):
     """Load both splits of a data.yaml, print their summaries and a boxes-per-class table."""
+    import numpy as np
+
+    from ..data.dataset import YoloDataset, load_data_yaml
+    from ..tables import format_table
+
     data = load_data_yaml(args.data)
     splits = [k for k in ("train", "val", "test") if k in data]
     counts = {}

@@ -20,8 +20,8 @@ import yaml
 
 from ..errors import UserError
 from ..fileio import write_yaml
+from .shapes import SHAPES
 
-SHAPES = ("disc", "square", "triangle", "ring", "cross")
 MIN_VISIBLE = 0.6  # fraction of an object's pixels that must stay visible after later objects are drawn
 SYNTH_VERSION = 1
 _SPLITS = {"train": 0, "val": 1}

@@ -248,22 +248,3 @@ class Detect(nn.Module):
                 math.log(0.6 / (self.nc - 0.99999)) if cf is None else torch.log(cf / cf.sum())
             )
             mi.bias = nn.Parameter(b.view(-1), requires_grad=True)
-
-
-# Modules a YAML row may name, by name (aliases from ultralytics / YOLOv5-Lite included).
-MODULES = {
-    "Conv": Conv,
-    "Bottleneck": Bottleneck,
-    "C3": C3,
-    "SPPF": SPPF,
-    "SPP": SPP,
-    "Focus": Focus,
-    "Concat": Concat,
-    "nn.Upsample": nn.Upsample,
-    "Upsample": nn.Upsample,
-    "Detect": Detect,
-    "Conv_maxpool": Conv_maxpool,
-    "conv_bn_relu_maxpool": Conv_maxpool,
-    "ShuffleBlock": ShuffleBlock,
-    "Shuffle_Block": ShuffleBlock,
-}

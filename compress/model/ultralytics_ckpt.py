@@ -54,6 +54,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import UserError
+from .rules import BY_PICKLED
 from .yolo import _build_layers, parse_cfg
 
 # Namespaces whose classes are replaced by inert stand-ins (ultralytics YOLOv5 and torch.nn modules).
@@ -62,18 +63,16 @@ _STANDIN_PREFIXES = ("torch.nn.modules.",)
 _STANDIN_CLASSES = {"argparse.Namespace"}  # some forks store ``opt`` as a Namespace
 
 _ROOT_CLASSES = {"models.yolo.Model", "models.yolo.DetectionModel"}
-# Module classes that compress's blocks reproduce exactly; anything else in the tree is refused.
-_SUPPORTED = {
-    "models.yolo.Model", "models.yolo.DetectionModel", "models.yolo.Detect",
-    "models.common.Conv", "models.common.C3", "models.common.Bottleneck", "models.common.SPPF",
-    "models.common.SPP", "models.common.Focus", "models.common.Concat",
+# Module classes compress reproduces exactly: the blocks of the rule table (compress.model.rules) and the
+# torch.nn layers inside them; anything else in the tree is refused.
+_LAYERS = {
     "torch.nn.modules.conv.Conv2d", "torch.nn.modules.batchnorm.BatchNorm2d",
     "torch.nn.modules.activation.SiLU", "utils.activations.SiLU",
     "torch.nn.modules.container.Sequential", "torch.nn.modules.container.ModuleList",
     "torch.nn.modules.upsampling.Upsample", "torch.nn.modules.pooling.MaxPool2d",
     "torch.nn.modules.linear.Identity",
 }
-_SILU = {"torch.nn.modules.activation.SiLU", "utils.activations.SiLU"}
+_SUPPORTED = _ROOT_CLASSES | _LAYERS | set(BY_PICKLED)
 _DROPPED_BUFFERS = {"anchor_grid"}  # v5.0-era Detect buffer, recomputed from anchors at run time
 
 _STORAGE_DTYPES = {
@@ -962,14 +961,10 @@ def _check_module(m, name, path):
     qual = m.qualname
     if qual not in _SUPPORTED:
         raise UserError(f"{path}: layer '{name}' is {qual}, which compress's YOLOv5 blocks do not implement")
-    if qual == "models.common.Conv":
-        kids = m.state["_modules"]
-        if "bn" not in kids:
-            raise UserError(f"{path}: layer '{name}' is a fused Conv (no BatchNorm); give an unfused checkpoint")
-        act = kids.get("act")
-        if not (isinstance(act, StandIn) and act.qualname in _SILU):
-            raise UserError(f"{path}: layer '{name}' uses activation {_describe(act)}; compress's Conv is "
-                            f"Conv2d + BatchNorm2d + SiLU")
+    rule = BY_PICKLED.get(qual)
+    problem = rule.check_pickled(m.state) if rule is not None else None
+    if problem:
+        raise UserError(f"{path}: layer '{name}' {problem}")
 
 
 class _Copier:

@@ -8,15 +8,10 @@ Pruning a group selects the same channel indices in every tensor whose dim 0 is 
 conv weights, their BN weight/bias/running stats, depthwise convs it passes through) and, at the
 matching offsets, in dim 1 of every conv that consumes it (Detect's convs included).
 
-Rules per block type live in :mod:`compress.prune.walk` (one pass that also records every conv's
-spatial size); they are exact for the shipped configs and general for any YAML of these blocks. Channels that cannot be pruned safely form groups with ``prunable=False``
-and a ``reason`` (the image, ShuffleBlock outputs, inputs of a ShuffleBlock chunk, grouped convs,
-rows repeated with ``number > 1`` outside C3/ShuffleBlock).
-
-ShuffleNetV2 blocks: the hidden width of every ``branch2`` (pointwise -> depthwise -> pointwise) is its
-own group, one per repeat; the input of a stride-2 block (e.g. the Conv_maxpool stem) is prunable, its
-``branch1`` depthwise conv passing the channels through. Block outputs are *not* pruned: the chunk(2)
-halves and the channel shuffle would couple channels across a whole stage.
+The rule of each block type (:mod:`compress.model.rules`) says what it holds; :mod:`compress.prune.walk`
+records it in one pass (with every conv's spatial size). Channels that cannot be pruned safely form groups
+with ``prunable=False`` and a ``reason`` (the image, ShuffleBlock outputs, inputs of a ShuffleBlock
+chunk, grouped convs, rows repeated with ``number > 1`` that do not repeat inside the block).
 
 Groups depend on the architecture only, so compute them once (``channel_groups(model)``) and reuse them
 for any state_dict of that architecture and any number of plans.
@@ -173,11 +168,11 @@ def resolve_excludes(cg: ChannelGroups, patterns) -> set:
 
 def _groups_of(w: Walker) -> ChannelGroups:
     """The channel groups of a walk: its merged channel sets, numbered in model order (records remapped)."""
-    roots = sorted({w._find(i) for i in range(len(w.parent))})
+    roots = sorted({w.find(i) for i in range(len(w.parent))})
     index = {r: k for k, r in enumerate(roots)}
 
     def remap(layout):
-        return tuple(index[w._find(x)] for x in layout)
+        return tuple(index[w.find(x)] for x in layout)
 
     for r in w.convs:
         r.out, r.inp = remap(r.out), remap(r.inp)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..engine.trainer import Callback, TrainOptions
+from ..engine.config import Callback, TrainOptions
 from ..errors import UserError
 from ..fileio import unfinished_run
 from ..options import option

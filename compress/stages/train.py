@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.trainer import TrainOptions
+from ..engine.config import TrainOptions
 from ..errors import UserError
 from ..fileio import new_run_dir, unfinished_run
 from ..log import note

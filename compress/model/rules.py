@@ -1,0 +1,528 @@
+"""One rule per block type: everything compress knows about a block, in one place.
+
+A :class:`BlockRule` says, for the module names a YAML row may use:
+
+- how the row's args parse (named fields after the output width, never positions read back later) and
+  which inner widths the explicit-channel normal form writes out (:meth:`BlockRule.parse`);
+- its output channels and stride, and the module built from the parsed fields (:meth:`BlockRule.build`);
+- its normal form (:meth:`BlockRule.normal_args`);
+- which of its widths are prunable and how its channels couple to its input and output: :meth:`walk`
+  records every conv it holds on the walker of :mod:`compress.prune.walk`, which the channel groups and
+  the cost model (FLOPs equal to thop) are computed from;
+- which classes of a pickled checkpoint it is (``pickled``) and what such a pickled module must look like
+  (:meth:`check_pickled`).
+
+Adding a block is one rule here (plus its module in :mod:`compress.model.blocks` and its tests).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from ..errors import UserError
+from . import blocks as B
+
+
+def make_divisible(x, divisor=8):
+    """Smallest multiple of ``divisor`` that is >= x (ultralytics' width rounding)."""
+    return math.ceil(x / divisor) * divisor
+
+
+@dataclass
+class RowContext:
+    """What parsing one YAML row knows: its place, its resolved args and the widths before it."""
+
+    i: int                 # layer index
+    f: int | list          # from
+    n: int                 # repeats (depth multiple applied)
+    name: str              # module name as written
+    args: list             # args with nc / anchors / None / True / False resolved
+    c1: int | None         # input width (None for multi-input rows)
+    ch: list               # output width of every earlier layer
+    gw: float              # width multiple (1.0 in the normal form)
+    no: int                # outputs per Detect level, na * (nc + 5): never scaled
+    explicit: bool         # the YAML is in normal form: widths are read literally
+    nc: int
+
+
+@dataclass
+class LayerSpec:
+    """One parsed YAML row: its rule, its named parameters and what it produces."""
+
+    i: int
+    f: int | list
+    n: int
+    type: str              # module name as the normal form writes it
+    rule: "BlockRule"
+    p: dict                # named parameters: c1, c2, n and the rule's fields and inner widths
+    c_out: int = 0
+    stride: float = 1.0    # total downsampling at this layer's output
+
+    @property
+    def cls(self) -> type:
+        """The block's module class."""
+        return self.rule.module
+
+    def build(self) -> nn.Module:
+        """The module of this row (``n`` chained copies for a block that does not repeat inside)."""
+        return self.rule.build_row(self)
+
+
+class BlockRule:
+    """Base rule: a block with one input whose first arg is its output width (Conv-like).
+
+    Subclasses set the class attributes and override what differs. ``fields`` are ``(name, default)`` of
+    the args after the output width, in YAML order; ``widths`` the keys of the trailing dict of explicit
+    inner widths; ``scaled``: the output width is scaled by width_multiple as ultralytics' parse_model does;
+    ``repeats``: ``"chain"`` (``number`` copies, each taking the previous one's output), ``"inside"``
+    (the block repeats inside, like C3's bottlenecks) or ``"own"`` (the block builds its repeats itself).
+    """
+
+    names: tuple = ()
+    module: type = None
+    fields: tuple = ()
+    widths: tuple = ()
+    scaled: bool = True
+    repeats: str = "chain"
+    pickled: tuple = ()
+
+    # --------------------------------------------------------------------------------- parsing
+    def parse(self, ctx: RowContext):
+        """``(LayerSpec, normal-form args, normal-form number)`` of a row; UserError for bad args."""
+        if ctx.c1 is None:
+            raise UserError(f"{ctx.name} takes one input, got from={ctx.f!r}")
+        args, extra = self._split_widths(list(ctx.args))
+        if not args or isinstance(args[0], bool) or not isinstance(args[0], int) or args[0] < 1:
+            raise UserError(f"first arg must be a positive output width, got {args[:1]!r}")
+        c2 = args[0]
+        if self.scaled and c2 != ctx.no and not ctx.explicit:
+            c2 = make_divisible(c2 * ctx.gw, 8)
+        rest = args[1:]
+        if len(rest) > len(self.fields):
+            names = ", ".join(["c2"] + [f for f, _ in self.fields])
+            raise UserError(f"{ctx.name} takes at most {len(self.fields) + 1} args ({names}), got {len(args)}")
+        p = {"c1": ctx.c1, "c2": c2, "n": ctx.n}
+        p.update({f: (rest[k] if k < len(rest) else d) for k, (f, d) in enumerate(self.fields)})
+        p.update(self.inner_widths(p, extra))
+        self.check(p, ctx)
+        if ctx.n > 1 and self.repeats == "chain" and p["c1"] != c2:
+            raise UserError(f"repeating {ctx.name} {ctx.n} times needs input width == output width")
+        spec = LayerSpec(ctx.i, ctx.f, ctx.n, self.names[0], self, p, self.out_channels(p))
+        return spec, self.normal_args(p, rest), ctx.n
+
+    def _split_widths(self, args):
+        if args and isinstance(args[-1], dict):
+            extra = args[-1]
+            unknown = set(extra) - set(self.widths)
+            if unknown:
+                raise UserError(f"unknown width key(s) {sorted(unknown)} (allowed: {', '.join(self.widths) or 'none'})")
+            return args[:-1], extra
+        return args, {}
+
+    def inner_widths(self, p: dict, extra: dict) -> dict:
+        """The block's inner widths: the explicit ones from ``extra``, else their defaults."""
+        return {}
+
+    def check(self, p: dict, ctx: RowContext) -> None:
+        """Raise UserError for parameters the block cannot be built with."""
+
+    def out_channels(self, p: dict) -> int:
+        """The block's output width."""
+        return p["c2"]
+
+    def normal_args(self, p: dict, rest: list) -> list:
+        """The row's args in the explicit-channel normal form (``rest``: the args after c2 as written)."""
+        return [p["c2"], *rest]
+
+    def stride(self, p: dict) -> float:
+        """How much the block downsamples."""
+        return 1.0
+
+    # --------------------------------------------------------------------------------- building
+    def build(self, p: dict) -> nn.Module:
+        """One instance of the block."""
+        raise NotImplementedError
+
+    def build_row(self, spec: LayerSpec) -> nn.Module:
+        """The row's module: the block, or ``n`` chained copies in an nn.Sequential."""
+        if spec.n > 1 and self.repeats == "chain":
+            return nn.Sequential(*(self.build(spec.p) for _ in range(spec.n)))
+        return self.build(spec.p)
+
+    # --------------------------------------------------------------------------------- channels
+    def walk(self, w, p: dict, prefix: str, layer: int, lay: tuple, hw: tuple):
+        """Record the block's convs on the walker ``w``; returns ``(output layout, output size)``."""
+        raise AssertionError(f"no channel rule for {self.names[0]}")
+
+    def walk_row(self, w, spec: LayerSpec, lay: tuple, hw: tuple):
+        """Walk the whole row; chained copies keep their channels (nothing to prune consistently)."""
+        prefix = f"model.{spec.i}"
+        if spec.n > 1 and self.repeats == "chain":
+            start = w.n_sets
+            out = lay
+            for j in range(spec.n):
+                out, hw = self.walk(w, spec.p, f"{prefix}.{j}", spec.i, out, hw)
+            w.fix(lay, f"input of repeated row {spec.i}")
+            w.fix(range(start, w.n_sets), f"repeated row {spec.i} (number > 1)")
+            return out, hw
+        return self.walk(w, spec.p, prefix, spec.i, lay, hw)
+
+    # --------------------------------------------------------------------------------- checkpoints
+    def check_pickled(self, state: dict) -> str | None:
+        """What is wrong with a pickled module of this block (its state dict of stand-ins), as words that
+        follow "layer 'X' ", or None."""
+        return None
+
+
+def _k2(k) -> int:
+    return k * k if isinstance(k, int) else k[0] * k[1]
+
+
+# ===================================================================================== the rules
+class ConvRule(BlockRule):
+    """Conv2d + BN + SiLU: ``[c2, k, s, p, g, d, act]``."""
+
+    names = ("Conv",)
+    module = B.Conv
+    fields = (("k", 1), ("s", 1), ("p", None), ("g", 1), ("d", 1), ("act", True))
+    pickled = ("models.common.Conv",)
+
+    def build(self, p):
+        return B.Conv(p["c1"], p["c2"], p["k"], p["s"], p["p"], p["g"], p["d"], p["act"])
+
+    def stride(self, p):
+        return p["s"]
+
+    def walk(self, w, p, prefix, layer, lay, hw):
+        o, hw = w.conv(prefix, layer, lay, p["c2"], hw, p["k"], p["s"], p["p"], p["g"], p["d"],
+                       path=w.path(layer, 0))
+        return (o,), hw
+
+    def check_pickled(self, state):
+        kids = state.get("_modules", {})
+        if "bn" not in kids:
+            return "is a fused Conv (no BatchNorm); give an unfused checkpoint"
+        act = kids.get("act")
+        if getattr(act, "qualname", None) not in SILU_CLASSES:
+            return (f"uses activation {getattr(act, 'qualname', type(act).__name__)}; compress's Conv is Conv2d + "
+                    f"BatchNorm2d + SiLU")
+        return None
+
+
+class FocusRule(BlockRule):
+    """Space-to-depth then a Conv: ``[c2, k, s, p, g, act]``."""
+
+    names = ("Focus",)
+    module = B.Focus
+    fields = (("k", 1), ("s", 1), ("p", None), ("g", 1), ("act", True))
+    pickled = ("models.common.Focus",)
+
+    def build(self, p):
+        return B.Focus(p["c1"], p["c2"], p["k"], p["s"], p["p"], p["g"], p["act"])
+
+    def stride(self, p):
+        return 2 * p["s"]
+
+    def walk(self, w, p, prefix, layer, lay, hw):
+        hw = tuple((x + 1) // 2 for x in hw)
+        o, hw = w.conv(f"{prefix}.conv", layer, lay * 4, p["c2"], hw, p["k"], p["s"], p["p"], p["g"],
+                       path=w.path(layer, 0))
+        return (o,), hw
+
+
+class ConvMaxpoolRule(BlockRule):
+    """ShuffleNetV2's stem: Conv 3x3 s2 + BN + ReLU, then MaxPool 3x3 s2: ``[c2]``."""
+
+    names = ("Conv_maxpool", "conv_bn_relu_maxpool")
+    module = B.Conv_maxpool
+
+    def build(self, p):
+        return B.Conv_maxpool(p["c1"], p["c2"])
+
+    def stride(self, p):
+        return 4.0
+
+    def walk(self, w, p, prefix, layer, lay, hw):
+        o, hw = w.conv(f"{prefix}.conv", layer, lay, p["c2"], hw, 3, 2, path=w.path(layer, 0))
+        return (o,), w.pool_hw(hw, 3, 2, 1)
+
+
+class BottleneckRule(BlockRule):
+    """cv1 1x1 -> cv2 3x3 (+ input): ``[c2, shortcut, g, e, {cv1}]``."""
+
+    names = ("Bottleneck",)
+    module = B.Bottleneck
+    fields = (("shortcut", True), ("g", 1), ("e", 0.5))
+    widths = ("cv1",)
+    pickled = ("models.common.Bottleneck",)
+
+    def inner_widths(self, p, extra):
+        return {"cv1": int(extra.get("cv1", int(p["c2"] * p["e"])))}
+
+    def normal_args(self, p, rest):
+        return [p["c2"], bool(p["shortcut"]), *rest[1:2], {"cv1": p["cv1"]}]
+
+    def build(self, p):
+        return B.Bottleneck(p["c1"], p["c2"], p["shortcut"], p["g"], c_=p["cv1"])
+
+    def walk(self, w, p, prefix, layer, lay, hw):
+        h, _ = w.conv(f"{prefix}.cv1", layer, lay, p["cv1"], hw, path=w.path(layer, -1, "cv1"))
+        o, hw = w.conv(f"{prefix}.cv2", layer, (h,), p["c2"], hw, 3, 1, g=p["g"], path=w.path(layer, 0))
+        if p["shortcut"] and p["c1"] == p["c2"]:
+            w.residual(lay, (o,), prefix)
+        return (o,), hw
+
+
+class C3Rule(BlockRule):
+    """CSP bottleneck with 3 convs: ``[c2, shortcut, g, e, {cv1, cv2, m: [[hidden, out], ...]}]``."""
+
+    names = ("C3",)
+    module = B.C3
+    fields = (("shortcut", True), ("g", 1), ("e", 0.5))
+    widths = ("cv1", "cv2", "m")
+    repeats = "inside"
+    pickled = ("models.common.C3",)
+
+    def inner_widths(self, p, extra):
+        c_ = int(p["c2"] * p["e"])
+        cv1, cv2 = int(extra.get("cv1", c_)), int(extra.get("cv2", c_))
+        m = [list(map(int, x)) for x in extra.get("m", [[cv1, cv1]] * p["n"])]
+        return {"cv1": cv1, "cv2": cv2, "m": m}
+
+    def check(self, p, ctx):
+        if len(p["m"]) != p["n"]:
+            raise UserError(f"C3 repeats {p['n']} bottlenecks but lists {len(p['m'])} widths in 'm'")
+        cin = p["cv1"]
+        for _, out in p["m"]:
+            if p["shortcut"] and out != cin:
+                raise UserError(f"C3 with shortcut needs every bottleneck output == cv1 ({cin}), got {out}")
+            cin = out
+
+    def normal_args(self, p, rest):
+        return [p["c2"], bool(p["shortcut"]), *rest[1:2], {"cv1": p["cv1"], "cv2": p["cv2"], "m": p["m"]}]
+
+    def build(self, p):
+        return B.C3(p["c1"], p["c2"], p["n"], p["shortcut"], p["g"], c_cv1=p["cv1"], c_cv2=p["cv2"], m_ch=p["m"])
+
+    def walk(self, w, p, prefix, layer, lay, hw):
+        x, hw = w.conv(f"{prefix}.cv1", layer, lay, p["cv1"], hw, path=w.path(layer, -1, "cv1"))
+        y, _ = w.conv(f"{prefix}.cv2", layer, lay, p["cv2"], hw, path=w.path(layer, -1, "cv2"))
+        for j, (hid, out) in enumerate(p["m"]):
+            bp = f"{prefix}.m.{j}"
+            h, _ = w.conv(f"{bp}.cv1", layer, (x,), hid, hw, path=w.path(layer, -1, "m", j, 0))
+            o, _ = w.conv(f"{bp}.cv2", layer, (h,), out, hw, 3, 1, g=p["g"], path=w.path(layer, -1, "m", j, 1))
+            if p["shortcut"] and w.width((x,)) == out:
+                w.residual((x,), (o,), bp)
+            x = o
+        o, hw = w.conv(f"{prefix}.cv3", layer, (x, y), p["c2"], hw, path=w.path(layer, 0))
+        return (o,), hw
+
+
+class SPPFRule(BlockRule):
+    """cv1, three chained max-pools, concat of the four, cv2: ``[c2, k, {cv1}]``."""
+
+    names = ("SPPF",)
+    module = B.SPPF
+    fields = (("k", 5),)
+    widths = ("cv1",)
+    pickled = ("models.common.SPPF",)
+
+    def inner_widths(self, p, extra):
+        return {"cv1": int(extra.get("cv1", p["c1"] // 2))}
+
+    def normal_args(self, p, rest):
+        return [p["c2"], p["k"], {"cv1": p["cv1"]}]
+
+    def build(self, p):
+        return self.module(p["c1"], p["c2"], p["k"], c_=p["cv1"])
+
+    def n_copies(self, p) -> int:
+        """How many times cv1's channels appear in cv2's input."""
+        return 4
+
+    def walk(self, w, p, prefix, layer, lay, hw):
+        c, hw = w.conv(f"{prefix}.cv1", layer, lay, p["cv1"], hw, path=w.path(layer, -1, "cv1"))
+        o, hw = w.conv(f"{prefix}.cv2", layer, (c,) * self.n_copies(p), p["c2"], hw, path=w.path(layer, 0))
+        return (o,), hw
+
+
+class SPPRule(SPPFRule):
+    """cv1, parallel max-pools of sizes k, concat, cv2: ``[c2, k, {cv1}]``."""
+
+    names = ("SPP",)
+    module = B.SPP
+    fields = (("k", [5, 9, 13]),)
+    pickled = ("models.common.SPP",)
+
+    def n_copies(self, p):
+        return len(p["k"]) + 1
+
+
+class ShuffleBlockRule(BlockRule):
+    """ShuffleNetV2 inverted residual: ``[c2, stride, {hidden: [per repeat]}]``.
+
+    The hidden width of every ``branch2`` is its own group, one per repeat; the input of a stride-2 block
+    is prunable (its ``branch1`` depthwise conv passing the channels through). Block outputs are not
+    pruned: the chunk(2) halves and the channel shuffle couple channels across a whole stage.
+    """
+
+    names = ("ShuffleBlock", "Shuffle_Block")
+    module = B.ShuffleBlock
+    fields = (("stride", 1),)
+    widths = ("hidden",)
+    scaled = False
+    repeats = "own"
+
+    def inner_widths(self, p, extra):
+        hidden = extra.get("hidden", p["c2"] // 2)
+        hidden = [int(h) for h in hidden] if isinstance(hidden, list) else [int(hidden)] * p["n"]
+        return {"hidden": hidden}
+
+    def check(self, p, ctx):
+        if len(p["hidden"]) != p["n"]:
+            raise UserError(f"ShuffleBlock repeats {p['n']} times but lists {len(p['hidden'])} 'hidden' widths")
+        if p["n"] > 1 and p["stride"] != 1:
+            raise UserError("a repeated ShuffleBlock must have stride 1")
+
+    def normal_args(self, p, rest):
+        return [p["c2"], p["stride"], {"hidden": p["hidden"]}]
+
+    def stride(self, p):
+        return p["stride"]
+
+    def build_row(self, spec):
+        p = spec.p
+        blocks = [B.ShuffleBlock(p["c1"], p["c2"], p["stride"], hidden=h) for h in p["hidden"]]
+        return blocks[0] if spec.n == 1 else nn.Sequential(*blocks)
+
+    def walk_row(self, w, spec, lay, hw):
+        p, prefix, i = spec.p, f"model.{spec.i}", spec.i
+        out = lay
+        for j, h in enumerate(p["hidden"]):
+            pre = prefix if spec.n == 1 else f"{prefix}.{j}"
+            out, hw = self._one(w, pre, i, out, hw, p["c2"], p["stride"], h, w.path(i, -1, "hidden", j))
+        return out, hw
+
+    def _one(self, w, P, i, lay, hw_in, c2, stride, hidden, hidden_path):
+        half = c2 // 2
+        reason = f"ShuffleBlock output {P} (chunk + channel shuffle)"
+        if stride == 2:
+            if len(lay) > 1:
+                w.fix(lay, f"input of {P} (a concat feeding a depthwise conv)")
+            hw_b = w.dw(f"{P}.branch1.0", i, lay, hw_in, 3, 2)
+            b1, _ = w.conv(f"{P}.branch1.1", i, lay, half, hw_b)
+            w.fix((b1,), reason)
+            inp = lay
+        else:
+            w.fix(lay, f"input of {P} (split by chunk(2))")
+            c_in = w.width(lay)
+            inp = (w.new(c_in - c_in // 2, label=f"{P}.chunk", fixed=f"second half of {P}'s input"),)
+        h, _ = w.conv(f"{P}.branch2.0", i, inp, hidden, hw_in, path=hidden_path)
+        hw = w.dw(f"{P}.branch2.1", i, (h,), hw_in, 3, stride)
+        b2, _ = w.conv(f"{P}.branch2.2", i, (h,), half, hw)
+        w.fix((b2,), reason)
+        return (w.new(c2, label=f"{P}.out", fixed=reason),), hw
+
+
+class ConcatRule(BlockRule):
+    """Concatenation of several layers along channels."""
+
+    names = ("Concat",)
+    module = B.Concat
+    pickled = ("models.common.Concat",)
+
+    def parse(self, ctx):
+        if not isinstance(ctx.f, list):
+            raise UserError("Concat takes a list of input layers")
+        spec = LayerSpec(ctx.i, ctx.f, ctx.n, "Concat", self, {"dimension": (ctx.args or [1])[0]},
+                         sum(ctx.ch[x] for x in ctx.f))
+        return spec, list(ctx.args), ctx.n
+
+    def build(self, p):
+        return B.Concat(p["dimension"])
+
+    def walk_row(self, w, spec, lay, hw):
+        return tuple(x for j in spec.f for x in w.layer_out[j]), w.layer_hw[spec.f[0]]
+
+
+class UpsampleRule(BlockRule):
+    """nn.Upsample: ``[size, scale_factor, mode]``; channels pass through."""
+
+    names = ("nn.Upsample", "Upsample")
+    module = nn.Upsample
+
+    def parse(self, ctx):
+        if ctx.c1 is None:
+            raise UserError(f"{ctx.name} takes one input, got from={ctx.f!r}")
+        size, sf, mode = (list(ctx.args) + [None, None, "nearest"])[:3]
+        spec = LayerSpec(ctx.i, ctx.f, ctx.n, "nn.Upsample", self,
+                         {"c1": ctx.c1, "size": size, "scale_factor": sf, "mode": mode, "args": list(ctx.args)},
+                         ctx.c1)
+        return spec, list(ctx.args), ctx.n
+
+    def build(self, p):
+        return nn.Upsample(*p["args"])
+
+    def stride(self, p):
+        return 1 / (p["scale_factor"] if p["scale_factor"] is not None else 2)
+
+    def walk_row(self, w, spec, lay, hw_in):
+        p = spec.p
+        if p["size"] is not None:
+            sz = (p["size"], p["size"]) if isinstance(p["size"], int) else tuple(p["size"])
+            hw = tuple(int(v) for v in sz)
+        else:
+            sf = p["scale_factor"]
+            sfs = (sf, sf) if not isinstance(sf, (list, tuple)) else tuple(sf)
+            hw = tuple(int(x * f) for x, f in zip(hw_in, sfs))
+        w.upsample(spec.i, lay, hw, p["mode"] or "nearest")
+        return lay, hw
+
+
+class DetectRule(BlockRule):
+    """The YOLOv5 head: one 1x1 conv per level, ``[nc, anchors]``; its outputs are never pruned."""
+
+    names = ("Detect",)
+    module = B.Detect
+    pickled = ("models.yolo.Detect",)
+
+    def parse(self, ctx):
+        if not isinstance(ctx.f, list):
+            raise UserError("Detect takes a list of input layers")
+        args = ctx.args
+        if len(args) < 2:
+            raise UserError(f"Detect args are [nc, anchors], got {args!r}")
+        if isinstance(args[0], bool) or not isinstance(args[0], int) or args[0] != ctx.nc:
+            raise UserError(f"Detect's first arg (its number of classes) is {args[0]!r}: write nc (the YAML's nc is "
+                            f"{ctx.nc})")
+        anchors = args[1]
+        if isinstance(anchors, int):
+            anchors = [list(range(anchors * 2))] * len(ctx.f)
+        if not isinstance(anchors, list) or len(anchors) != len(ctx.f):
+            n_levels = len(anchors) if isinstance(anchors, list) else anchors
+            raise UserError(f"Detect has {len(ctx.f)} inputs but {n_levels} anchor levels")
+        p = {"nc": args[0], "anchors": anchors, "ch": [ctx.ch[x] for x in ctx.f]}
+        return LayerSpec(ctx.i, ctx.f, ctx.n, "Detect", self, p, ctx.no), ["nc", "anchors"], ctx.n
+
+    def build(self, p):
+        return B.Detect(p["nc"], p["anchors"], p["ch"])
+
+    def walk_row(self, w, spec, lay, hw):
+        for k, j in enumerate(spec.f):
+            w.detect_conv(f"model.{spec.i}.m.{k}", spec.i, w.layer_out[j], spec.c_out, w.layer_hw[j])
+        return (), hw
+
+
+SILU_CLASSES = {"torch.nn.modules.activation.SiLU", "utils.activations.SiLU"}
+
+RULES = (ConvRule(), FocusRule(), ConvMaxpoolRule(), BottleneckRule(), C3Rule(), SPPFRule(), SPPRule(),
+         ShuffleBlockRule(), ConcatRule(), UpsampleRule(), DetectRule())
+BY_NAME = {name: r for r in RULES for name in r.names}
+BY_PICKLED = {q: r for r in RULES for q in r.pickled}
+
+
+def rule_for(name: str) -> BlockRule | None:
+    """The rule of a YAML module name (None when no block has that name)."""
+    return BY_NAME.get(name)
