@@ -48,18 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of the ``compress`` console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
+        return 0
+    prog = _prog(args)
+    if extra:  # name the subcommand, not the top-level parser
+        print(f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)", file=sys.stderr)
         return 2
     try:
         rc = args.func(args)
         sys.stdout.flush()
     except UserError as e:
-        print(f"compress {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except CheckFailed as e:
-        print(f"compress {args.command}: failed: {e}", file=sys.stderr)
+        print(f"{prog}: failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -68,6 +72,11 @@ def main(argv=None) -> int:
         _silence_stdout()
         return 0
     return int(rc or 0)
+
+
+def _prog(args) -> str:
+    """``compress train``, ``compress data synth``: the command the user typed."""
+    return " ".join(["compress", args.command] + ([args.action] if getattr(args, "action", None) else []))
 
 
 def _silence_stdout() -> None:

@@ -120,6 +120,8 @@ class Options:
             choices = f.metadata.get("choices")
             if choices and v is not None and v not in choices:
                 raise UserError(f"{flag_name(f.name)} {v}: choose one of {', '.join(map(str, choices))}")
+            if f.name == "seed" and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 32):
+                raise UserError(f"--seed {v}: must be an integer in 0..{2 ** 32 - 1}")
         self.check()
         return self
 
@@ -280,6 +282,7 @@ def add_arguments(parser, cls, skip=()) -> None:
 
 # ----------------------------------------------------------------------------------------------- mixins
 DEFAULT_IMGSZ = 640
+MAX_IMGSZ = 4096
 RATIO_CONVENTIONS = (
     "Three ratio conventions, one per method's literature: `prune --ratio R` is the share of the model's "
     "FLOPs to REMOVE; `eagleeye --remain-ratio R` the share of FLOPs to KEEP; `slim --global-percent P` "
@@ -301,6 +304,8 @@ class ModelInput(Options):
         super().check()
         if self.imgsz is not None:
             self.require_positive("imgsz")
+            if self.imgsz > MAX_IMGSZ:
+                raise UserError(f"--imgsz {self.imgsz}: must be at most {MAX_IMGSZ}")
             if self.imgsz % 32:
                 raise UserError(f"--imgsz {self.imgsz} must be a positive multiple of 32 (the stride of YOLOv5's "
                                 f"coarsest level)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -66,8 +67,8 @@ class Stage:
             fixed["weights"] = [str(current.get("weights") or current.get("cfg"))]
         elif "weights" in current:
             fixed["weights"] = str(current["weights"])
-        elif "cfg" not in self.options and "cfg" in self.fields:
-            fixed["cfg"] = current["cfg"]
+        if self.spec.name != "bench" and current.get("cfg") and "cfg" not in self.options and "cfg" in self.fields:
+            fixed["cfg"] = current["cfg"]  # from a YAML, or with a bare state_dict as weights
         if imgsz and "imgsz" not in self.options and "imgsz" in self.fields:
             fixed["imgsz"] = int(imgsz)
         if folder is not None:
@@ -101,11 +102,13 @@ def load_recipe(path, smoke: bool = False):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such recipe file")
-    text = path.read_text()
     try:
+        text = path.read_text()
         r = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{path}: not a readable text file ({type(e).__name__})") from None
     if not isinstance(r, dict):
         raise UserError(f"{path}: a recipe is a mapping with data, model and stages")
     unknown = set(r) - TOP_KEYS
@@ -118,6 +121,11 @@ def load_recipe(path, smoke: bool = False):
     m = r["model"]
     if not isinstance(m, dict) or not ({"cfg", "weights"} & set(m)) or set(m) - {"cfg", "weights"}:
         raise UserError(f"{path}: 'model' must be a mapping with 'cfg' and/or 'weights'")
+    name = r.get("name")
+    if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name)
+                             or ".." in name):
+        raise UserError(f"{path}: name {name!r}: a plain name (letters, digits, '.', '_', '-'): it names the "
+                        f"run folder runs/recipes/<name>")
     imgsz = r.get("imgsz")
     if imgsz is not None and (isinstance(imgsz, bool) or not isinstance(imgsz, int) or imgsz < 32 or imgsz % 32):
         raise UserError(f"{path}: imgsz {imgsz!r}: must be a positive multiple of 32")
@@ -157,35 +165,59 @@ def load_recipe(path, smoke: bool = False):
     return r, stages
 
 
-def check_recipe(path, smoke: bool = False):
-    """:func:`load_recipe` plus the files: the dataset (read and checked) and the starting model (loaded).
+def check_recipe(path, smoke: bool = False, from_stage: int | None = None):
+    """:func:`load_recipe` plus everything a run would trip on before it runs: the dataset (read and
+    checked), the starting model (loaded), ``--from-stage``, and every stage's own checks of its options
+    against its input model and the dataset (excludes that match nothing, an unreachable FLOPs window, too
+    few images for the batches asked, a missing split...) wherever that model's architecture is known (up
+    to the first stage that prunes).
 
-    What ``compress run --check`` runs; returns the same ``(recipe, stages)``.
+    What ``compress run --check`` runs (and every run, first); returns the same ``(recipe, stages)``.
     """
-    r, stages = load_recipe(path, smoke)
-    path = Path(path)
-    if isinstance(r["data"], str):
-        from .data.dataset import load_data_yaml
-
-        load_data_yaml(_rel(path, r["data"]))
-    m = r["model"]
     from .model.artifact import load_model
-
-    try:
-        model = load_model(m.get("cfg"), _rel(path, m["weights"])) if "weights" in m else load_model(m["cfg"])
-    except UserError as e:
-        raise UserError(f"{path}: model: {e}") from None
     from .model.profile import check_imgsz
 
+    r, stages = load_recipe(path, smoke)
+    path = Path(path)
+    if from_stage is not None and not 1 <= from_stage <= len(stages):
+        raise UserError(f"--from-stage {from_stage}: the recipe has stages 1..{len(stages)}")
+    info = _data_info(r["data"], path, smoke)
+    m = r["model"]
+    try:
+        if "weights" in m:
+            model = load_model(_cfg(path, m.get("cfg")), _rel(path, m["weights"]))
+            info.check_model(model)
+        else:
+            model = load_model(_cfg(path, m["cfg"]), nc=info.nc)
+    except UserError as e:
+        raise UserError(f"{path}: model: {e}") from None
     size = SMOKE_IMGSZ if smoke else r.get("imgsz")
+    current = {"weights": "PREVIOUS"} if "weights" in m else {"cfg": m.get("cfg")}
+    known = True  # the input architecture of the next stage is the starting model's
     for st in stages:
-        s = st.options.get("imgsz", size)
-        if s is not None:
-            try:
+        try:
+            s = st.options.get("imgsz", size)
+            if known and s is not None:
                 check_imgsz(model, int(s))
-            except UserError as e:
-                raise UserError(f"{st.where}: {st.name}: {e}") from None
+            if known:
+                st.spec.preflight(st.build("DATA.yaml", current, size, None), model, info)
+        except UserError as e:
+            raise UserError(f"{st.where}: {st.name}: {e}") from None
+        current = {"weights": "PREVIOUS"} if st.spec.produces_model else current
+        known = known and st.spec.name not in ("prune", "slim", "eagleeye")
     return r, stages
+
+
+def _data_info(data, path: Path, smoke: bool):
+    from .stages.base import DataInfo
+
+    if isinstance(data, str):
+        from .data.dataset import load_data_yaml
+
+        return DataInfo.of(load_data_yaml(_rel(path, data)))
+    syn = {**(data["synthetic"] or {}), **(SMOKE_DATA if smoke else {})}
+    return DataInfo.synthetic(syn.get("train", 800), syn.get("val", 200), syn.get("classes", 4),
+                              f"{path}: data.synthetic")
 
 
 def _check_data(path, data):
@@ -215,13 +247,11 @@ def _check_data(path, data):
 
 def run_recipe(path, out=None, smoke: bool = False, from_stage: int | None = None) -> dict:
     """Run a recipe; returns the summary (also written as summary.json / summary.md in ``out``)."""
-    recipe, stages = check_recipe(path, smoke)
+    recipe, stages = check_recipe(path, smoke, from_stage)
     name = recipe.get("name") or Path(path).stem
     out = Path(out or f"runs/recipes/{name}{'-smoke' if smoke else ''}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder")
-    if from_stage is not None and not 1 <= from_stage <= len(stages):
-        raise UserError(f"--from-stage {from_stage}: the recipe has stages 1..{len(stages)}")
     from .fileio import check_writable
 
     check_writable(out)
@@ -229,8 +259,9 @@ def run_recipe(path, out=None, smoke: bool = False, from_stage: int | None = Non
     data = _prepare_data(recipe["data"], Path(path), out, smoke)
     imgsz = SMOKE_IMGSZ if smoke else recipe.get("imgsz")
     model_arg = recipe["model"]
-    current = ({"weights": _rel(Path(path), model_arg["weights"]), "cfg": model_arg.get("cfg")}
-               if "weights" in model_arg else {"cfg": model_arg["cfg"]})
+    cfg = _cfg(Path(path), model_arg.get("cfg"))
+    current = ({"weights": _rel(Path(path), model_arg["weights"]), "cfg": cfg} if "weights" in model_arg
+               else {"cfg": cfg})
     rows, dirty = [], False
     for st in stages:
         folder = out / st.folder
@@ -293,8 +324,20 @@ def _resumable(st: Stage, folder: Path, key: str):
 
 
 def _rel(recipe_path: Path, p) -> Path:
+    """A path of the recipe: relative to the recipe's folder (where it exists there), else as given."""
     q = Path(p)
-    return q if q.is_absolute() or q.exists() else Path(recipe_path).parent / q
+    if q.is_absolute():
+        return q
+    beside = Path(recipe_path).parent / q
+    return beside if beside.exists() else q
+
+
+def _cfg(recipe_path: Path, cfg):
+    """A model YAML of the recipe: a file beside the recipe, else as given (a path or a shipped name)."""
+    if cfg is None or isinstance(cfg, dict):
+        return cfg
+    beside = Path(recipe_path).parent / str(cfg)
+    return str(beside) if not Path(str(cfg)).is_absolute() and beside.is_file() else cfg
 
 
 def _prepare_data(data, recipe_path: Path, out: Path, smoke: bool) -> Path:

@@ -23,7 +23,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 import zipfile
 from pathlib import Path
 
@@ -550,22 +549,31 @@ def crafted(tmp_path_factory):
     return results
 
 
+# Linux counts a child's peak RSS from the fork on, before its exec: a child forked from this (large) pytest
+# process would report pytest's size. A small launcher process forks the real one instead.
+LAUNCHER = textwrap.dedent(r'''
+    import json, os, resource, subprocess, sys, time
+    t0 = time.perf_counter()
+    with open(sys.argv[1], "w") as err:
+        rc = subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=err).returncode
+    print(json.dumps({"exit": rc, "seconds": time.perf_counter() - t0,
+                      "maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+''')
+
+
 def _start_fresh(path, d):
     """``python -m compress.cli info --weights path`` in a new interpreter (not forked), started now."""
-    err = open(d / "fresh.stderr", "w")
-    t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "compress.cli", "info", "--weights", str(path)], cwd=d,
-                         env=_env(), stdout=subprocess.DEVNULL, stderr=err)
-    return p, err, path, t0
+    cmd = [sys.executable, "-c", LAUNCHER, str(d / "fresh.stderr"), sys.executable, "-m", "compress.cli", "info",
+           "--weights", str(path)]
+    return subprocess.Popen(cmd, cwd=d, env=_env(), stdout=subprocess.PIPE, text=True), path, d
 
 
 def _finish_fresh(fresh):
-    p, err, path, t0 = fresh
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    err.close()
-    return {"path": str(path), "exit": p.returncode, "seconds": time.perf_counter() - t0,
-            "maxrss_mb": usage.ru_maxrss / 1024, "stderr": Path(err.name).read_text()}
+    p, path, d = fresh
+    out, _ = p.communicate(timeout=300)
+    r = json.loads(out.strip().splitlines()[-1])
+    r.update(path=str(path), stderr=(d / "fresh.stderr").read_text())
+    return r
 
 
 def _check_one_line(r, expect):

@@ -23,7 +23,7 @@ def run(args):
     from ..recipe import check_recipe, run_recipe
 
     if args.check:
-        _, stages = check_recipe(args.recipe, args.smoke)
+        _, stages = check_recipe(args.recipe, args.smoke, args.from_stage)
         print(f"{args.recipe}: OK, {len(stages)} stages: {', '.join(s.name for s in stages)}")
         return 0
     run_recipe(args.recipe, args.out, args.smoke, args.from_stage)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ IMG_FORMATS = {"bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp",
 HYP_FILE = Path(__file__).with_name("hyp.scratch-low.yaml")
 CACHE_VERSION = 1
 _PROB_KEYS = ("flipud", "fliplr", "mosaic", "mixup", "copy_paste")
+_MOMENTUM_KEYS = ("momentum", "warmup_momentum")
 _EPS = 1e-4  # tolerance (normalised) for box edges just outside the image from rounding
 
 
@@ -70,10 +72,11 @@ def load_hyp(path=None) -> dict:
     for k, v in user.items():
         if k not in hyp:
             raise UserError(f"{src}: unknown hyp key {k!r} (known: {', '.join(hyp)})")
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise UserError(f"{src}: {k}: expected a number, got {v!r}")
-        if v < 0 or (k in _PROB_KEYS and v > 1):
-            raise UserError(f"{src}: {k}: {v} is out of range ({'0..1' if k in _PROB_KEYS else '>= 0'})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise UserError(f"{src}: {k}: expected a finite number, got {v!r}")
+        if v < 0 or (k in _PROB_KEYS and v > 1) or (k in _MOMENTUM_KEYS and v >= 1):
+            span = "0..1" if k in _PROB_KEYS else "[0, 1)" if k in _MOMENTUM_KEYS else ">= 0"
+            raise UserError(f"{src}: {k}: {v} is out of range ({span})")
         hyp[k] = float(v)
     return hyp
 

@@ -191,6 +191,8 @@ def make_synthetic_dataset(out, n_train: int = 800, n_val: int = 200, imgsz: int
         raise UserError(f"--train {n_train} / --val {n_val}: each split needs at least 1 image")
     if not 32 <= int(imgsz) <= 4096:
         raise UserError(f"--imgsz {imgsz}: must be 32..4096")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+        raise UserError(f"--seed {seed}: must be an integer in 0..{2 ** 32 - 1}")
     if fmt not in ("jpg", "png"):
         raise UserError(f"image format {fmt!r}: must be jpg or png")
     out = Path(out)

@@ -25,6 +25,51 @@ from ..errors import UserError
 from . import blocks as B
 
 
+# ------------------------------------------------------------------------------------ field checks
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def pos_int(v) -> bool:
+    """A positive integer."""
+    return _is_int(v) and v >= 1
+
+
+def kernel(v) -> bool:
+    """A positive kernel size, or a (kh, kw) pair of them."""
+    return pos_int(v) or (isinstance(v, (list, tuple)) and len(v) == 2 and all(pos_int(x) for x in v))
+
+
+def padding(v) -> bool:
+    """None (same padding) or an integer >= 0."""
+    return v is None or (_is_int(v) and v >= 0)
+
+
+def flag(v) -> bool:
+    """True/False (or the 0/1 YAMLs write)."""
+    return isinstance(v, bool) or v in (0, 1)
+
+
+def ratio(v) -> bool:
+    """A number in (0, 1]."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+
+
+def odd_kernel(v) -> bool:
+    """A positive odd kernel size (a max-pool that keeps the size)."""
+    return pos_int(v) and v % 2 == 1
+
+
+def odd_kernels(v) -> bool:
+    """A list of positive odd kernel sizes."""
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(odd_kernel(x) for x in v)
+
+
+def stride_1_or_2(v) -> bool:
+    """1 or 2."""
+    return v in (1, 2) and not isinstance(v, bool)
+
+
 def make_divisible(x, divisor=8):
     """Smallest multiple of ``divisor`` that is >= x (ultralytics' width rounding)."""
     return math.ceil(x / divisor) * divisor
@@ -73,8 +118,9 @@ class LayerSpec:
 class BlockRule:
     """Base rule: a block with one input whose first arg is its output width (Conv-like).
 
-    Subclasses set the class attributes and override what differs. ``fields`` are ``(name, default)`` of
-    the args after the output width, in YAML order; ``widths`` the keys of the trailing dict of explicit
+    Subclasses set the class attributes and override what differs. ``fields`` are ``(name, default, check)``
+    of the args after the output width, in YAML order (``check`` a predicate whose docstring says what is
+    expected); ``widths`` the keys of the trailing dict of explicit
     inner widths; ``scaled``: the output width is scaled by width_multiple as ultralytics' parse_model does;
     ``repeats``: ``"chain"`` (``number`` copies, each taking the previous one's output), ``"inside"``
     (the block repeats inside, like C3's bottlenecks) or ``"own"`` (the block builds its repeats itself).
@@ -101,11 +147,19 @@ class BlockRule:
             c2 = make_divisible(c2 * ctx.gw, 8)
         rest = args[1:]
         if len(rest) > len(self.fields):
-            names = ", ".join(["c2"] + [f for f, _ in self.fields])
+            names = ", ".join(["c2"] + [f[0] for f in self.fields])
             raise UserError(f"{ctx.name} takes at most {len(self.fields) + 1} args ({names}), got {len(args)}")
         p = {"c1": ctx.c1, "c2": c2, "n": ctx.n}
-        p.update({f: (rest[k] if k < len(rest) else d) for k, (f, d) in enumerate(self.fields)})
+        for k, (f, d, ok) in enumerate(self.fields):
+            v = rest[k] if k < len(rest) else d
+            if not ok(v):
+                raise UserError(f"{ctx.name} arg {f}={v!r}: expected {ok.__doc__.strip().rstrip('.').lower()}")
+            p[f] = v
         p.update(self.inner_widths(p, extra))
+        for key in self.widths:
+            for v in _flat(p.get(key)):
+                if not pos_int(v):
+                    raise UserError(f"{ctx.name} width {key}={p.get(key)!r}: widths must be positive integers")
         self.check(p, ctx)
         if ctx.n > 1 and self.repeats == "chain" and p["c1"] != c2:
             raise UserError(f"repeating {ctx.name} {ctx.n} times needs input width == output width")
@@ -176,8 +230,12 @@ class BlockRule:
         return None
 
 
-def _k2(k) -> int:
-    return k * k if isinstance(k, int) else k[0] * k[1]
+def _flat(v):
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            yield from _flat(x)
+    elif v is not None:
+        yield v
 
 
 # ===================================================================================== the rules
@@ -186,8 +244,13 @@ class ConvRule(BlockRule):
 
     names = ("Conv",)
     module = B.Conv
-    fields = (("k", 1), ("s", 1), ("p", None), ("g", 1), ("d", 1), ("act", True))
+    fields = (("k", 1, kernel), ("s", 1, pos_int), ("p", None, padding), ("g", 1, pos_int), ("d", 1, pos_int),
+              ("act", True, flag))
     pickled = ("models.common.Conv",)
+
+    def check(self, p, ctx):
+        if p["c1"] % p["g"] or p["c2"] % p["g"]:
+            raise UserError(f"Conv groups g={p['g']} must divide its input ({p['c1']}) and output ({p['c2']}) widths")
 
     def build(self, p):
         return B.Conv(p["c1"], p["c2"], p["k"], p["s"], p["p"], p["g"], p["d"], p["act"])
@@ -216,7 +279,7 @@ class FocusRule(BlockRule):
 
     names = ("Focus",)
     module = B.Focus
-    fields = (("k", 1), ("s", 1), ("p", None), ("g", 1), ("act", True))
+    fields = (("k", 1, kernel), ("s", 1, pos_int), ("p", None, padding), ("g", 1, pos_int), ("act", True, flag))
     pickled = ("models.common.Focus",)
 
     def build(self, p):
@@ -254,7 +317,7 @@ class BottleneckRule(BlockRule):
 
     names = ("Bottleneck",)
     module = B.Bottleneck
-    fields = (("shortcut", True), ("g", 1), ("e", 0.5))
+    fields = (("shortcut", True, flag), ("g", 1, pos_int), ("e", 0.5, ratio))
     widths = ("cv1",)
     pickled = ("models.common.Bottleneck",)
 
@@ -280,7 +343,7 @@ class C3Rule(BlockRule):
 
     names = ("C3",)
     module = B.C3
-    fields = (("shortcut", True), ("g", 1), ("e", 0.5))
+    fields = (("shortcut", True, flag), ("g", 1, pos_int), ("e", 0.5, ratio))
     widths = ("cv1", "cv2", "m")
     repeats = "inside"
     pickled = ("models.common.C3",)
@@ -325,7 +388,7 @@ class SPPFRule(BlockRule):
 
     names = ("SPPF",)
     module = B.SPPF
-    fields = (("k", 5),)
+    fields = (("k", 5, odd_kernel),)
     widths = ("cv1",)
     pickled = ("models.common.SPPF",)
 
@@ -353,7 +416,7 @@ class SPPRule(SPPFRule):
 
     names = ("SPP",)
     module = B.SPP
-    fields = (("k", [5, 9, 13]),)
+    fields = (("k", [5, 9, 13], odd_kernels),)
     pickled = ("models.common.SPP",)
 
     def n_copies(self, p):
@@ -370,7 +433,7 @@ class ShuffleBlockRule(BlockRule):
 
     names = ("ShuffleBlock", "Shuffle_Block")
     module = B.ShuffleBlock
-    fields = (("stride", 1),)
+    fields = (("stride", 1, stride_1_or_2),)
     widths = ("hidden",)
     scaled = False
     repeats = "own"
@@ -434,8 +497,10 @@ class ConcatRule(BlockRule):
     pickled = ("models.common.Concat",)
 
     def parse(self, ctx):
-        if not isinstance(ctx.f, list):
+        if not isinstance(ctx.f, list) or len(ctx.f) < 2:
             raise UserError("Concat takes a list of input layers")
+        if list(ctx.args or [1]) != [1]:
+            raise UserError(f"Concat args {ctx.args!r}: only channel concatenation ([1]) is supported")
         spec = LayerSpec(ctx.i, ctx.f, ctx.n, "Concat", self, {"dimension": (ctx.args or [1])[0]},
                          sum(ctx.ch[x] for x in ctx.f))
         return spec, list(ctx.args), ctx.n
@@ -457,13 +522,23 @@ class UpsampleRule(BlockRule):
         if ctx.c1 is None:
             raise UserError(f"{ctx.name} takes one input, got from={ctx.f!r}")
         size, sf, mode = (list(ctx.args) + [None, None, "nearest"])[:3]
+        if len(ctx.args) > 3:
+            raise UserError(f"{ctx.name} takes [size, scale_factor, mode], got {ctx.args!r}")
+        if size is None and sf is None:
+            sf = 2
+        if size is not None and not kernel(size):
+            raise UserError(f"{ctx.name} size {size!r}: expected a positive size or an (h, w) pair")
+        if sf is not None and (isinstance(sf, bool) or not isinstance(sf, (int, float)) or not 0 < sf <= 64):
+            raise UserError(f"{ctx.name} scale_factor {sf!r}: expected a positive number")
+        if mode not in UPSAMPLE_MODES:
+            raise UserError(f"{ctx.name} mode {mode!r}: one of {', '.join(UPSAMPLE_MODES)}")
         spec = LayerSpec(ctx.i, ctx.f, ctx.n, "nn.Upsample", self,
                          {"c1": ctx.c1, "size": size, "scale_factor": sf, "mode": mode, "args": list(ctx.args)},
                          ctx.c1)
         return spec, list(ctx.args), ctx.n
 
     def build(self, p):
-        return nn.Upsample(*p["args"])
+        return nn.Upsample(size=p["size"], scale_factor=p["scale_factor"], mode=p["mode"])
 
     def stride(self, p):
         return 1 / (p["scale_factor"] if p["scale_factor"] is not None else 2)
@@ -515,6 +590,7 @@ class DetectRule(BlockRule):
         return (), hw
 
 
+UPSAMPLE_MODES = ("nearest", "bilinear", "bicubic")
 SILU_CLASSES = {"torch.nn.modules.activation.SiLU", "utils.activations.SiLU"}
 
 RULES = (ConvRule(), FocusRule(), ConvMaxpoolRule(), BottleneckRule(), C3Rule(), SPPFRule(), SPPRule(),

@@ -54,6 +54,8 @@ def load_cfg(cfg) -> dict:
         d = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{path}: not a readable text file ({type(e).__name__})") from None
     if not isinstance(d, dict):
         raise UserError(f"{path}: not a model YAML (expected a mapping with nc, anchors, backbone, head)")
     d.setdefault("yaml_file", str(path))
@@ -71,17 +73,24 @@ def parse_cfg(cfg, ch_in: int = 3):
     for key in ("nc", "anchors", "backbone", "head"):
         if key not in d:
             raise UserError(f"{src}: missing key '{key}'")
+    unknown = sorted(str(k) for k in d if k not in _TOP_KEYS)
+    if unknown:
+        raise UserError(f"{src}: unknown key '{unknown[0]}' (a model YAML has {', '.join(sorted(_TOP_KEYS - _QUIET))})")
+    act = d.get("activation")
+    if act is not None and str(act).replace(" ", "") not in ("nn.SiLU()", "SiLU"):
+        raise UserError(f"{src}: activation {act!r}: compress's Conv is Conv2d + BatchNorm2d + SiLU; other "
+                        f"activations are not supported")
     nc, anchors = d["nc"], d["anchors"]
-    if not isinstance(nc, int) or nc < 1:
+    if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
         raise UserError(f"{src}: 'nc' must be a positive integer, got {nc!r}")
     explicit = bool(d.get("explicit_channels", False))
-    gd = 1.0 if explicit else float(d.get("depth_multiple", 1.0))
-    gw = 1.0 if explicit else float(d.get("width_multiple", 1.0))
-    na = (len(anchors[0]) // 2) if isinstance(anchors, list) else anchors
+    gd = 1.0 if explicit else _multiple(d, "depth_multiple", src)
+    gw = 1.0 if explicit else _multiple(d, "width_multiple", src)
+    na = _check_anchors(anchors, src)
     no = na * (nc + 5)
-    rows = d["backbone"] + d["head"]
-    if not isinstance(d["backbone"], list) or not isinstance(d["head"], list):
+    if not isinstance(d["backbone"], list) or not isinstance(d["head"], list) or not d["backbone"]:
         raise UserError(f"{src}: 'backbone' and 'head' must be lists of [from, number, module, args] rows")
+    rows = d["backbone"] + d["head"]
 
     specs, ch, strides, out_rows = [], [], [], []
     for i, row in enumerate(rows):
@@ -111,6 +120,9 @@ def parse_cfg(cfg, ch_in: int = 3):
         except (TypeError, ValueError, IndexError, KeyError) as e:
             raise UserError(f"{where}: bad args {args!r} for {mname} ({e})") from None
         spec.stride = _out_stride(spec, s_in, strides)
+        if spec.type == "Concat" and len({strides[x] for x in f}) != 1:
+            raise UserError(f"{where}: Concat of layers {f} at different scales (strides "
+                            f"{[strides[x] for x in f]}): their feature maps do not line up")
         specs.append(spec)
         ch.append(spec.c_out)
         strides.append(spec.stride)
@@ -123,6 +135,38 @@ def parse_cfg(cfg, ch_in: int = 3):
     if not specs or specs[-1].type != "Detect":
         raise UserError(f"{src}: the last layer must be Detect")
     return specs, normal
+
+
+_TOP_KEYS = {"nc", "depth_multiple", "width_multiple", "anchors", "backbone", "head", "explicit_channels", "names",
+             "ch", "yaml_file", "activation"}
+_QUIET = {"ch", "yaml_file", "activation"}  # accepted, not advertised
+
+
+def _multiple(d, key, src) -> float:
+    v = d.get(key, 1.0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v <= 16) or v != v:
+        raise UserError(f"{src}: {key} {v!r}: must be a number in (0, 16]")
+    return float(v)
+
+
+def _check_anchors(anchors, src) -> int:
+    """Anchors per level (an int, or levels of (w, h) pairs of positive numbers, the same count each)."""
+    if isinstance(anchors, int) and not isinstance(anchors, bool):
+        if not 1 <= anchors <= 16:
+            raise UserError(f"{src}: anchors {anchors}: give 1..16 anchors per level, or the (w, h) pairs")
+        return anchors
+    ok = isinstance(anchors, list) and anchors and all(isinstance(a, list) and a and len(a) % 2 == 0
+                                                       for a in anchors)
+    if not ok:
+        raise UserError(f"{src}: anchors: expected a list of levels, each a list of w, h pairs (e.g. [10, 13, 16, 30])")
+    if len({len(a) for a in anchors}) != 1:
+        raise UserError(f"{src}: anchors: every level needs the same number of anchors, got "
+                        f"{[len(a) // 2 for a in anchors]}")
+    for a in anchors:
+        for v in a:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1e5):
+                raise UserError(f"{src}: anchors: {v!r} is not a positive anchor size in pixels")
+    return len(anchors[0]) // 2
 
 
 def _resolve_arg(a, nc, anchors):

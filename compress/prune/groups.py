@@ -152,7 +152,11 @@ def resolve_excludes(cg: ChannelGroups, patterns) -> set:
     """
     if isinstance(patterns, str):
         patterns = [patterns]
-    items = [p.strip() for x in (patterns or []) for p in str(x).split(",") if p.strip()]
+    raw = [p.strip() for x in (patterns or []) for p in str(x).split(",")]
+    if any(not p for p in raw):
+        raise UserError(f"--exclude {','.join(map(str, patterns))!r}: an empty pattern (give layer indices, module "
+                        f"paths or group names)")
+    items = raw
     names = set()
     for pat in items:
         mod = f"model.{pat}" if pat.isdigit() else pat

@@ -36,6 +36,14 @@ class StageSpec:
         """Run the stage (options are validated by the stage itself)."""
         return importlib.import_module(self.module).run(options)
 
+    def preflight(self, options, model, info) -> None:
+        """The stage's checks of its options against an input model and a dataset (``DataInfo``), the ones
+        its ``run`` makes before writing anything; what ``compress run --check`` runs for every stage whose
+        input architecture is known. Stages without such checks do nothing."""
+        check = getattr(importlib.import_module(self.module), "preflight", None)
+        if check is not None:
+            check(options, model, info)
+
 
 _TRAINED = "it starts from a trained model: put a train stage before it, or give the recipe model: {weights: ...}"
 STAGES = {s.name: s for s in (

@@ -57,3 +57,39 @@ def source_name(o) -> str:
         return str(w)
     cfg = getattr(o, "cfg", None)
     return cfg.get("yaml_file", "<cfg>") if isinstance(cfg, dict) else str(cfg)
+
+
+class DataInfo:
+    """What the checks before a stage need of a dataset: its classes and how many images each split has.
+
+    From a loaded data.yaml (:meth:`of`) or, for a recipe's synthetic set that is not written yet, from
+    its options (:meth:`synthetic`).
+    """
+
+    def __init__(self, nc: int, names, sizes: dict, source: str):
+        self.nc, self.names, self.sizes, self.source = nc, list(names), dict(sizes), source
+
+    @classmethod
+    def of(cls, data: dict) -> "DataInfo":
+        """The info of a loaded data.yaml (``compress.data.dataset.load_data_yaml``)."""
+        sizes = {k: len(data[k]) for k in ("train", "val", "test") if k in data}
+        return cls(data["nc"], data["names"], sizes, str(data.get("yaml_file", "data.yaml")))
+
+    @classmethod
+    def synthetic(cls, train: int, val: int, classes: int, source: str) -> "DataInfo":
+        """The info of a synthetic set of these sizes."""
+        from ..data.shapes import SHAPES
+
+        return cls(classes, SHAPES[:classes], {"train": train, "val": val}, source)
+
+    def need(self, split: str, batches: int, batch: int, flag: str) -> None:
+        """UserError unless ``split`` holds ``batches`` x ``batch`` images (what ``flag`` asks for)."""
+        have, want = self.sizes.get(split, 0), batches * batch
+        if have < want:
+            raise UserError(f"{self.source}: {flag} {batches} x --batch {batch} = {want} {split} images asked, the "
+                            f"{split} split has {have} (lower {flag} or --batch)")
+
+    def check_model(self, model) -> None:
+        """UserError when the model predicts another number of classes than the dataset has."""
+        if model.nc != self.nc:
+            raise UserError(f"{self.source}: nc={self.nc} but the model predicts {model.nc} classes")

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from ..fileio import check_output_dir
-from ..options import DEFAULT_IMGSZ, Options, option
+from ..model.artifact import ARTIFACT_FILES
+from ..options import DEFAULT_IMGSZ, MAX_IMGSZ, Options, option
 from .base import Report
 
 
@@ -25,8 +26,8 @@ class BenchOptions(Options):
     def check(self):
         super().check()
         self.require_positive("runs", "threads", "imgsz")
-        if self.imgsz is not None and self.imgsz % 32:
-            raise UserError(f"--imgsz {self.imgsz} must be a positive multiple of 32")
+        if self.imgsz is not None and (self.imgsz % 32 or self.imgsz > MAX_IMGSZ):
+            raise UserError(f"--imgsz {self.imgsz} must be a positive multiple of 32, at most {MAX_IMGSZ}")
         if not (self.weights or self.cfg):
             raise UserError("give --weights W [W ...]")
 
@@ -47,7 +48,7 @@ def run(o: BenchOptions) -> Report:
     o.validate()
     imgsz = o.resolved_imgsz()
     if o.out:
-        check_output_dir(o.out)
+        check_output_dir(o.out, taken=ARTIFACT_FILES)
     sources = list(o.weights or []) or [o.cfg]
     models = {}
     for s in sources:

@@ -28,16 +28,30 @@ class PruneOptions(PruneCommon):
         self.require_range("ratio", 0, 1, lo_open=True, hi_open=True, what="the share of FLOPs to remove")
 
 
+def _counts(o: PruneOptions, groups, model, imgsz):
+    from ..prune import group_scores, keep_counts_for_ratio
+
+    scores = group_scores(groups, model.state_dict(), o.method)
+    mode = "global" if o.global_ else "uniform"
+    return scores, keep_counts_for_ratio(groups, 1 - o.ratio, imgsz, scores, mode=mode, round_to=o.round_to)
+
+
+def preflight(o: PruneOptions, model, info=None) -> None:
+    """The excludes match and the budget can be met, before anything is written."""
+    from ..prune import channel_groups
+
+    _counts(o, channel_groups(model).exclude(o.exclude), model, o.resolved_imgsz())
+
+
 def run(o: PruneOptions) -> Report:
     """Prune to the budget, write the artifact (model.yaml, weights.pt, report.json, channels.png)."""
-    from ..prune import apply_plan_to_model, group_scores, keep_counts_for_ratio, plan_from_counts
+    from ..prune import apply_plan_to_model, plan_from_counts
 
     o.validate()
     inp = load_prune_input(o, seed=o.seed)
+    scores, counts = _counts(o, inp.groups, inp.model, inp.imgsz)
     out = output_dir(o, "prune")
-    scores = group_scores(inp.groups, inp.model.state_dict(), o.method)
     mode = "global" if o.global_ else "uniform"
-    counts = keep_counts_for_ratio(inp.groups, 1 - o.ratio, inp.imgsz, scores, mode=mode, round_to=o.round_to)
     pruned = apply_plan_to_model(inp.model, plan_from_counts(inp.groups, counts, scores), inp.groups)
     rep = pruned_report(inp, counts, "prune", o.to_dict() | {"imgsz": inp.imgsz})
     write_pruned(inp, pruned, counts, out, rep,

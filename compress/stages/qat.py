@@ -7,15 +7,18 @@ fake-quant mAP, ``deploy/`` and the int8 ONNX's onnxruntime mAP all come from th
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..engine.config import Callback, TrainOptions
 from ..errors import UserError
 from ..fileio import unfinished_run
 from ..options import option
 from ..quant.backends import BACKENDS, resolve_backend
-from .base import Report, load_input_model, output_dir
+from ..log import note
+from .base import DataInfo, Report, load_input_model, output_dir
 
 QAT_STATE = "qat_state.pt"
 
@@ -33,7 +36,11 @@ class QATOptions(TrainOptions):
 
     def check(self):
         super().check()
-        resolve_backend(self.backend)
+        backend = resolve_backend(self.backend)
+        for pkg in backend.requires:
+            if importlib.util.find_spec(pkg) is None:
+                raise UserError(f"--backend {backend.name}: its deploy step needs the {pkg} package "
+                                f"(pip install {pkg})")
         self.require_positive("calib_batches")
         self.require_range("lr", 0, 1, lo_open=True, what="a learning rate")
 
@@ -84,6 +91,12 @@ class QATCallback(Callback):
                          "ptq_map": self.ptq and self.ptq["map"]}
 
 
+def preflight(o: QATOptions, model, info: DataInfo) -> None:
+    """The model fits the dataset and the training split holds the calibration batches."""
+    info.check_model(model)
+    info.need("train", o.calib_batches, o.batch, "--calib-batches")
+
+
 def run(o: QATOptions) -> Report:
     """QAT of ``--weights`` for ``--backend``, then deploy files and onnxruntime checks in the run folder.
 
@@ -106,10 +119,11 @@ def run(o: QATOptions) -> Report:
     data = load_data_yaml(o.data)
     model = load_input_model(o, data, need_weights="QAT fine-tunes a trained model (an artifact or a .pt)")
     check_float_weights(model.state_dict(), o.weights)
-    need = o.calib_batches * o.batch
-    if len(data["train"]) < need:
-        raise UserError(f"{o.data}: {len(data['train'])} training images, fewer than the {o.calib_batches} x "
-                        f"{o.batch} = {need} calibration images asked (lower --calib-batches or --batch)")
+    preflight(o, model, DataInfo.of(data))
+    src = Path(o.weights)
+    if (src if src.is_dir() else src.parent).joinpath(QAT_STATE).is_file():
+        note(f"{o.weights} is a QAT run: QAT starts again from its float weights (its {QAT_STATE} ranges are "
+             f"not reused)")
     out = output_dir(o, "qat")
     # fine-tuning a trained model: a small constant-ish LR and no warmup (warmup's bias LR of 0.1 would
     # throw the calibrated ranges off)

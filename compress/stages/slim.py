@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..errors import UserError
 from ..log import warn
 from ..options import DataInput, DeviceOptions, option
-from .base import Report, output_dir
+from .base import DataInfo, Report, output_dir
 from .pruning import PruneCommon, load_prune_input, pruned_report, summary_line, write_pruned
 
 PERCENT_HELP = ("share of the prunable CHANNELS to REMOVE, in [0, 1) (as in the reference tool; prune --ratio "
@@ -62,6 +62,17 @@ def _eval_batches(data, imgsz, batch, n, workers, seed):
     return load_batches(data["val"], imgsz, batch, n, data["nc"], seed=seed, workers=workers, prefix="val: ")
 
 
+def preflight(o: SlimOptions, model, info: DataInfo) -> None:
+    """The excludes match, the model fits the dataset, and the splits hold the batches asked for."""
+    from ..prune import channel_groups
+
+    info.check_model(model)
+    channel_groups(model).exclude(o.exclude)
+    info.need("train", o.bn_batches, o.batch, "--bn-batches")
+    if o.eval_batch_count() is not None:
+        info.need("val", o.eval_batch_count(), o.batch, "--eval-batches")
+
+
 def run(o: SlimOptions, verbose: bool = True) -> Report:
     """Slim, recalibrate, evaluate and write the artifact; returns its report.
 
@@ -80,6 +91,7 @@ def run(o: SlimOptions, verbose: bool = True) -> Report:
     data = load_data_yaml(o.data)
     inp = load_prune_input(o, data, need_weights="slimming ranks the BN gammas of trained weights (an artifact "
                                                  "dir or .pt)")
+    preflight(o, inp.model, DataInfo.of(data))
     sp = slim_plan(inp.groups, inp.model.state_dict(), o.global_percent, o.round_to, source=inp.source)
     out = output_dir(o, "slim")
     warnings = [w for w in [not_sparse_warning(sp.gamma, o.global_percent)] if w]

@@ -16,7 +16,7 @@ from ..fileio import new_run_dir, unfinished_run
 from ..log import note
 from ..options import flag_name, option
 from ..prune.slim import SCHEDULES
-from .base import Report, load_input_model, output_dir
+from .base import DataInfo, Report, load_input_model, output_dir
 
 SPARSITY = "sparsity training (Network Slimming; then `compress slim`)"
 # Options --resume may change: they affect where and how fast the run goes, not what it computes.
@@ -46,6 +46,9 @@ class TrainStageOptions(TrainOptions):
     def check(self):
         super().check()
         self.sparsity_callbacks()
+        if self.sparsity is not None and (self.sparsity_warmup_epochs or 0) >= self.epochs:
+            raise UserError(f"--sparsity-warmup-epochs {self.sparsity_warmup_epochs} with --epochs {self.epochs}: the "
+                            f"L1 term would never be applied")
 
     def sparsity_callbacks(self) -> list:
         """``[SparsityCallback]`` for ``--sparsity`` (checked), ``[]`` without it."""
@@ -69,9 +72,19 @@ def callbacks_from_extra(extra: dict) -> list:
     return [cb] if cb else []
 
 
+def preflight(o: TrainStageOptions, model, info: DataInfo) -> None:
+    """Checks of the options against the model and the dataset, before anything is written."""
+    if o.weights:
+        info.check_model(model)
+    if o.sparsity is not None:
+        from ..prune import channel_groups
+
+        channel_groups(model).exclude(o.exclude)
+
+
 def run(o: TrainStageOptions) -> Report:
     """Train, fine-tune or resume; returns the report of the best epoch's artifact."""
-    from ..data.dataset import load_data_yaml
+    from ..data.dataset import YoloDataset, load_data_yaml
     from ..engine.device import dist_rank
     from ..engine.trainer import save_options, train
 
@@ -83,6 +96,9 @@ def run(o: TrainStageOptions) -> Report:
     callbacks = o.sparsity_callbacks()
     data = load_data_yaml(o.data)
     model = load_input_model(o, data, seed=o.seed)
+    preflight(o, model, DataInfo.of(data))
+    for split in ("train", "val"):  # unreadable images or labels are found before anything is written
+        YoloDataset(data[split], o.resolved_imgsz(), nc=data["nc"], prefix=f"{split}: ", verbose=False)
     main = dist_rank() == 0
     out = output_dir(o, "train") if main else Path(o.out or new_run_dir("train", o.name))
     o = o.replace(out=str(out), imgsz=o.resolved_imgsz(),
@@ -103,7 +119,11 @@ def _resume(o: TrainStageOptions) -> Report:
     else:
         raise UserError("--resume needs the run folder (--resume DIR or --out DIR)")
     saved = load_options(run_dir)
-    changes = {}
+    last = Report.read(run_dir / "last")
+    if last is not None and isinstance(last.details.get("epoch"), int) and last.details["epoch"] >= saved.epochs:
+        raise UserError(f"{run_dir}: training already finished ({saved.epochs} epochs); nothing to resume (start a "
+                        f"new run with --weights {run_dir} to train on)")
+    changes, notes = {}, []
     for name in sorted(o.given - {"resume", "out", "name"}):
         new = getattr(o, name)
         old = saved.extra.get(_EXTRA_KEYS[name]) if name in _EXTRA_KEYS else getattr(saved, name, None)
@@ -111,12 +131,14 @@ def _resume(o: TrainStageOptions) -> Report:
             continue
         if name in RESUME_SAFE:
             changes[name] = new
-            note(f"--resume: {flag_name(name)} {new} replaces the recorded {old}")
+            notes.append(f"--resume: {flag_name(name)} {new} replaces the recorded {old}")
             continue
         raise UserError(f"--resume continues {run_dir} with the options its opt.yaml recorded; {flag_name(name)} "
                         f"{new} differs from the recorded {old}: drop it, or start a new run")
     opts = saved.replace(**changes) if changes else saved
     opts.validate()
+    for line in notes:
+        note(line)
     with unfinished_run(run_dir, "train"):
         return Report.from_dict(resume(run_dir, callbacks_from_extra(opts.extra), opts=opts))
 

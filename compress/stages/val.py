@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from ..options import DataInput, DeviceOptions, ModelInput, OutputOptions, option
-from .base import METRICS, Report, load_input_model, output_dir, source_name
+from .base import METRICS, DataInfo, Report, load_input_model, output_dir, source_name
 
 
 @dataclass(kw_only=True)
@@ -33,6 +33,13 @@ class ValOptions(ModelInput, DataInput, DeviceOptions, OutputOptions):
         self.require_positive("batch", "max_det")
 
 
+def preflight(o: ValOptions, model, info: DataInfo) -> None:
+    """The dataset has the split asked for and the model fits it."""
+    if o.task not in info.sizes:
+        raise UserError(f"{info.source}: --task {o.task}: the dataset has no '{o.task}' split")
+    info.check_model(model)
+
+
 def run(o: ValOptions) -> Report:
     """Validate, print the per-class table and write report.json (and COCO JSON with --save-json)."""
     from ..data.dataset import create_dataloader, load_data_yaml
@@ -44,9 +51,8 @@ def run(o: ValOptions) -> Report:
 
     o.validate()
     data = load_data_yaml(o.data)
-    if o.task not in data:
-        raise UserError(f"{o.data}: --task {o.task}: the dataset has no '{o.task}' split")
     model = load_input_model(o, data)
+    preflight(o, model, DataInfo.of(data))
     imgsz = o.resolved_imgsz()
     out = output_dir(o, "val")
     stride = int(max(model.stride.tolist()))
