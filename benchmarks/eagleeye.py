@@ -22,10 +22,24 @@ Quality (--quality, needs a trained --weights and --data)::
   and after fine-tuning; then fine-tunes --corr-n candidates spread over the score range for --corr-epochs
   and prints the Spearman rank correlation between their adaptive-BN score and fine-tuned mAP. Every
   finished step in --out is reused when the script is run again.
+
+Samplers (--samplers, needs a trained --weights and --data)::
+
+    python benchmarks/eagleeye.py --samplers --weights runs/train/exp --data data.yaml --candidates 36 \
+        --metric map --corr-n 12 --corr-epochs 3 --imgsz 256 --out runs/bench/eagleeye-samplers
+
+  Runs one search per --sampler (uniform: the paper's draw-then-filter; scaled: one draw scaled into the
+  window) with the same seed and options, fine-tunes --corr-n candidates of each spread over its score range
+  (the search's best among them) for --corr-epochs, and prints one table side by side: share of draws inside
+  the FLOPs window and draws per candidate, sampler and search seconds per candidate, share of groups at
+  full width, the best candidate's fine-tuned mAP@0.5:0.95, and the Spearman rank correlation between
+  adaptive-BN score and fine-tuned --metric with a 95% percentile-bootstrap interval (2000 resamples of the
+  candidates). Finished steps in --out are reused.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -39,9 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.engine.trainer import select_device  # noqa: E402
 from compress.fileio import write_json  # noqa: E402
-from compress.prune.eagleeye import strategy_stats  # noqa: E402
+from compress.prune.eagleeye import SAMPLERS, full_width_share, strategy_stats  # noqa: E402
 from compress.stages.eagleeye import (  # noqa: E402
-    EagleEyeOptions, load_search_model, make_scorer, read_candidates, run as search,
+    EagleEyeOptions, load_search_model, make_scorer, rank_key, read_candidates, run as search,
 )
 from compress.tables import format_table  # noqa: E402
 
@@ -50,7 +64,7 @@ def options(a, out, **kw) -> EagleEyeOptions:
     o = EagleEyeOptions(data=str(a.data), weights=a.weights, cfg=a.cfg, remain_ratio=a.remain_ratio,
                         candidates=a.candidates, delta=a.delta, bn_batches=a.bn_batches, eval_batches=a.eval_batches,
                         batch=a.batch, metric=a.metric, top_k=a.top_k, seed=a.seed, imgsz=a.imgsz, out=str(out),
-                        workers=a.workers, device=a.device, progress=not a.no_progress)
+                        workers=a.workers, device=a.device, progress=not a.no_progress, sampler=a.sampler)
     for k, v in kw.items():
         setattr(o, k, v)
     return o
@@ -120,6 +134,8 @@ def speed(a):
         ["share of sampled strategies evaluated (search)", f"{rep['evaluated_share']:.1%}", ""],
         [f"share inside the FLOPs window ({st['n']} strategies)", f"{st['share']:.1%}",
          f"FLOPs ratio {st['min_ratio']:.4f}..{st['max_ratio']:.4f}"],
+        [f"--sampler {a.sampler}: draws per strategy", f"{st['draws_per_strategy']:.1f}",
+         f"{st['acceptance']:.3%} of draws inside the window"],
         ["sampler: ms per strategy", f"{st['us_per_strategy'] / 1e3:.2f}", "cost model only, no build"],
         ["build pruned model (apply plan + Model + load), s", f"{med['build']:.3f}", "median"],
         ["adaptive BN forward passes, s", f"{med['bn']:.3f}", f"{a.bn_batches} x {a.batch} images"],
@@ -154,6 +170,19 @@ def spearman(x, y) -> float:
     rx, ry = rx - rx.mean(), ry - ry.mean()
     den = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
     return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def spearman_ci(x, y, resamples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple:
+    """Percentile-bootstrap interval of :func:`spearman` (pairs resampled with replacement; resamples whose
+    ranks are constant are dropped)."""
+    x, y = np.asarray(x), np.asarray(y)
+    rng = np.random.default_rng(seed)
+    rhos = [spearman(x[i], y[i]) for i in rng.integers(0, len(x), (resamples, len(x)))]
+    rhos = np.array([r for r in rhos if np.isfinite(r)])
+    if not len(rhos):
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(rhos, tail)), float(np.percentile(rhos, 100 - tail))
 
 
 def finetune(a, weights, out: Path, epochs: int) -> Path:
@@ -258,31 +287,117 @@ def quality(a):
     print(format_table(["model", "params", "GFLOPs", "latency ms", "mAP50", "mAP50-95"], rows))
 
     # 4. does the adaptive-BN score predict the fine-tuned accuracy?
-    recs = sorted((r for r in read_candidates(out / "search" / "candidates.jsonl") if r["status"] == "ok"),
-                  key=lambda r: r[a.metric])
+    corr = correlation(a, out, read_candidates(out / "search" / "candidates.jsonl"), lambda: scorer, cache)
+    save_cache()
+    print(f"\nadaptive-BN score vs mAP after {a.corr_epochs} fine-tune epochs ({a.metric}):")
+    print(format_table(["candidate", "FLOPs ratio", "adaptive-BN score", "fine-tuned"], corr["rows"]))
+    print(f"Spearman rank correlation: {corr['spearman']:.3f} (95% percentile bootstrap "
+          f"[{corr['ci95'][0]:.3f}, {corr['ci95'][1]:.3f}]) over {len(corr['rows'])} candidates")
+    write_json(out / "quality.json", {"rows": rows, "correlation": corr})
+
+
+def correlation(a, out: Path, records, get_scorer, cache: dict) -> dict:
+    """Fine-tune ``--corr-n`` of a search's candidates spread evenly over its score range (the best included)
+    for ``--corr-epochs`` and correlate their adaptive-BN score with their fine-tuned ``--metric``.
+
+    Candidate artifacts and fine-tunes live in ``out/corr/<index>`` and are reused; ``get_scorer()`` (the
+    search's :class:`CandidateScorer`) is only called when an artifact must be built. Returns the table rows,
+    the per-candidate values, the best candidate's and the Spearman correlation with its bootstrap interval.
+    """
+    from compress.model.artifact import save_model
+
+    recs = sorted((r for r in records if r["status"] == "ok"), key=lambda r: rank_key(r, a.metric))
     pick = [recs[int(i)] for i in np.unique(np.linspace(0, len(recs) - 1, min(a.corr_n, len(recs))).round())]
-    corr_rows, xs, ys = [], [], []
+    rows, xs, fts = [], [], []
     for r in pick:
         d = out / "corr" / str(r["index"])
         if not (d / "init" / "report.json").is_file():
-            m, _ = scorer.score(r["counts"])
+            m, _ = get_scorer().score(r["counts"])
             save_model(m, d / "init", {"stage": "eagleeye-candidate", "candidate": r["index"], "imgsz": a.imgsz})
-        ft = finetune(a, d / "init", d / "ft", a.corr_epochs)
-        v = full_val(a, ft, cache)
-        save_cache()
+        v = full_val(a, finetune(a, d / "init", d / "ft", a.corr_epochs), cache)
         xs.append(r[a.metric])
-        ys.append(v[a.metric])
-        corr_rows.append([r["index"], f"{r['flops_ratio']:.4f}", f"{r[a.metric]:.4f}", f"{v[a.metric]:.4f}"])
+        fts.append(v)
+        rows.append([r["index"], f"{r['flops_ratio']:.4f}", f"{r[a.metric]:.4f}", f"{v[a.metric]:.4f}"])
+    ys = [v[a.metric] for v in fts]
     rho = spearman(xs, ys) if len(xs) > 1 else float("nan")
-    print(f"\nadaptive-BN score vs mAP after {a.corr_epochs} fine-tune epochs ({a.metric}):")
-    print(format_table(["candidate", "FLOPs ratio", "adaptive-BN score", "fine-tuned"], corr_rows))
-    print(f"Spearman rank correlation: {rho:.3f} over {len(xs)} candidates")
-    write_json(out / "quality.json", {"rows": rows, "correlation": {"rows": corr_rows, "spearman": rho}})
+    lo, hi = spearman_ci(xs, ys) if len(xs) > 2 else (float("nan"), float("nan"))
+    return {"rows": rows, "candidates": [r["index"] for r in pick], "scores": xs, "finetuned": fts,
+            "best": {"candidate": pick[-1]["index"], "score": xs[-1], **fts[-1]},
+            "spearman": rho, "ci95": [lo, hi], "ci_method": "percentile bootstrap, 2000 resamples"}
+
+
+# ------------------------------------------------------------------------------------------------ samplers
+def samplers(a):
+    """One search per sampler with the same options, compared side by side (see the module docstring)."""
+    if not a.weights or not a.data:
+        raise SystemExit("--samplers needs a trained --weights and --data")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_f = out / "quality_cache.json"
+    cache = json.loads(cache_f.read_text()) if cache_f.is_file() else {}
+    res = {}
+    for k in SAMPLERS:
+        d = out / k
+        o = options(a, d / "search", resume=(d / "search" / "search.json").is_file(), sampler=k)
+        if not (d / "search" / "report.json").is_file():
+            search(o)
+        rep = json.loads((d / "search" / "report.json").read_text())
+        inp, data, sampler = load_search_model(o)
+        st = strategy_stats(sampler, a.seed, a.strategies)
+        recs = [r for r in read_candidates(d / "search" / "candidates.jsonl") if r["status"] == "ok"]
+        get_scorer = functools.cache(lambda o=o, inp=inp, data=data: make_scorer(o, inp, data,
+                                                                                 select_device(o.device)))
+        corr = correlation(a, d, recs, get_scorer, cache)
+        write_json(cache_f, cache)
+        res[k] = {"search": {x: rep[x] for x in ("sampled", "evaluated", "acceptance", "draws_per_candidate",
+                                                 "wall_seconds_per_candidate", "search_seconds")},
+                  "strategies": st, "full_width_search": full_width_share(sampler, [r["counts"] for r in recs]),
+                  "correlation": corr}
+    _print_samplers(a, res)
+    write_json(out / "samplers.json", res)
+    return res
+
+
+def _print_samplers(a, res) -> None:
+    def row(name, f):
+        return [name, *(f(res[k]) for k in SAMPLERS)]
+
+    n = a.strategies
+    label = {"map50": "mAP@0.5", "map": "mAP@0.5:0.95"}[a.metric]
+    rows = [
+        row("candidates searched (inside the window)", lambda r: f"{r['search']['sampled']} ({r['search']['evaluated']})"),
+        row("share of draws inside the window", lambda r: f"{r['search']['acceptance']:.3%}"),
+        row("draws per candidate", lambda r: f"{r['search']['draws_per_candidate']:.1f}"),
+        row(f"  same, over {n} strategies", lambda r: f"{r['strategies']['draws_per_strategy']:.1f} "
+                                                 f"({r['strategies']['acceptance']:.3%} inside)"),
+        row("sampler ms per candidate", lambda r: f"{r['strategies']['us_per_strategy'] / 1e3:.2f}"),
+        row("search wall s per candidate", lambda r: f"{r['search']['wall_seconds_per_candidate']:.2f}"),
+        row("groups at full width (search's candidates)", lambda r: f"{r['full_width_search']:.1%}"),
+        row(f"  same, over {n} strategies", lambda r: f"{r['strategies']['full_width']:.1%}"),
+        row("FLOPs ratio of the strategies (mean)", lambda r: f"{r['strategies']['mean_ratio']:.4f}"),
+        row(f"best candidate: index, adaptive-BN {a.metric}",
+            lambda r: f"{r['correlation']['best']['candidate']}, {r['correlation']['best']['score']:.4f}"),
+        row(f"best candidate fine-tuned mAP@0.5:0.95 ({a.corr_epochs} ep)",
+            lambda r: f"{r['correlation']['best']['map']:.4f}"),
+        row(f"Spearman(adaptive-BN score, fine-tuned {label})",
+            lambda r: f"{r['correlation']['spearman']:.3f} [{r['correlation']['ci95'][0]:.3f}, "
+                      f"{r['correlation']['ci95'][1]:.3f}] n={len(r['correlation']['rows'])}"),
+    ]
+    print(f"\nEagleEye samplers: {a.weights} at {a.imgsz}px, remain {a.remain_ratio} +- {a.delta}, seed {a.seed}; "
+          f"fine-tuned mAP on the full val split after {a.corr_epochs} epochs; Spearman 95% interval: percentile "
+          f"bootstrap over candidates (2000 resamples)")
+    print(format_table(["measure", *SAMPLERS], rows))
+    for k in SAMPLERS:
+        print(f"\n{k}: adaptive-BN score vs fine-tuned {a.metric}")
+        print(format_table(["candidate", "FLOPs ratio", "adaptive-BN score", "fine-tuned"],
+                           res[k]["correlation"]["rows"]))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quality", action="store_true", help="accuracy mode (needs a trained --weights and --data)")
+    ap.add_argument("--samplers", action="store_true", help="compare the strategy samplers (needs --weights, --data)")
+    ap.add_argument("--sampler", default="uniform", choices=SAMPLERS, help="speed/quality: the strategy sampler")
     ap.add_argument("--cfg", default=None, help="model YAML for the speed mode with random weights (default yolov5n)")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--data", default=None, help="data.yaml (speed mode: synthesized in --out when omitted)")
@@ -320,7 +435,7 @@ def main(argv=None):
     from compress.errors import UserError
 
     try:
-        quality(a) if a.quality else speed(a)
+        samplers(a) if a.samplers else quality(a) if a.quality else speed(a)
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -1,5 +1,6 @@
-"""EagleEye search: FLOPs window, determinism, adaptive BN on the candidate path, resume, 2-process gloo
-sharding, fine-tuning the result, one-line errors for bad input."""
+"""EagleEye search: FLOPs window, both samplers (the paper's uniform draw-then-filter and scaled), determinism,
+adaptive BN on the candidate path, resume, 2-process gloo sharding, fine-tuning the result, one-line errors for
+bad input."""
 import json
 import os
 import socket
@@ -14,7 +15,9 @@ from compress.cli import main
 from compress.errors import UserError
 from compress.model.artifact import load_model
 from compress.prune import apply_plan, channel_groups, plan_from_counts
-from compress.prune.eagleeye import FlopsWindowSampler
+from compress.prune import eagleeye as ee
+from compress.prune.eagleeye import FlopsWindowSampler, full_width_share, strategy_stats
+from compress.prune.plan import round_keep_array
 from compress.stages.eagleeye import (
     CandidateScorer, EagleEyeOptions, load_search_model, make_scorer, read_candidates,
 )
@@ -40,12 +43,15 @@ def strip(recs):
                   key=lambda r: r["index"])
 
 
-def check_strategies(cg, imgsz, ratio, delta, lo, hi, rt, n):
-    s = FlopsWindowSampler(cg, imgsz, ratio, delta, lo, hi, rt)
+def check_strategies(cg, imgsz, ratio, delta, lo, hi, rt, n, sampler="uniform"):
+    s = FlopsWindowSampler(cg, imgsz, ratio, delta, lo, hi, rt, sampler)
     cm = cg.cost_model(imgsz)
     base = cm.macs()
     strategies = [s.sample(0, i) for i in range(n)]
-    assert np.mean([st.in_window for st in strategies]) >= 0.95
+    if sampler == "uniform":  # draw-then-filter: every strategy is inside, after one or more draws
+        assert all(st.in_window for st in strategies) and all(st.draws >= 1 for st in strategies)
+    else:
+        assert np.mean([st.in_window for st in strategies]) >= 0.95 and all(st.draws == 1 for st in strategies)
     sizes = {g.name: g.size for g in cg.prunable}
     for st in strategies:
         kept = cm.macs(st.counts) / base  # independently of the sampler's own vector arithmetic
@@ -63,12 +69,13 @@ def check_strategies(cg, imgsz, ratio, delta, lo, hi, rt, n):
     return strategies
 
 
+@pytest.mark.parametrize("sampler", ["uniform", "scaled"])
 @pytest.mark.parametrize("ratio,delta,lo,hi,rt,imgsz", [
     (0.6, 0.02, 0.2, 1.0, 8, 640), (0.3, 0.01, 0.1, 0.9, 8, 320), (0.8, 0.005, 0.5, 1.0, 16, 640),
 ])
-def test_every_candidate_in_flops_window_yolov5n(ratio, delta, lo, hi, rt, imgsz):
+def test_every_candidate_in_flops_window_yolov5n(ratio, delta, lo, hi, rt, imgsz, sampler):
     cg = channel_groups("yolov5n.yaml")  # full width, cost model only: no model is built
-    check_strategies(cg, imgsz, ratio, delta, lo, hi, rt, 150)
+    check_strategies(cg, imgsz, ratio, delta, lo, hi, rt, 150, sampler)
 
 
 def test_window_tiny_model_and_strategy_depends_only_on_seed_and_index():
@@ -80,6 +87,82 @@ def test_window_tiny_model_and_strategy_depends_only_on_seed_and_index():
     # excluded groups are never pruned
     s = FlopsWindowSampler(cg.exclude(["0", "model.9"]), 96, 0.6, 0.03, 0.2, 1.0, 8)
     assert "model.0" not in s.names and "model.9.cv1" not in s.names
+
+
+def test_uniform_strategy_depends_only_on_seed_and_index_not_order_or_chunks(monkeypatch):
+    cg = channel_groups(tiny_cfg())
+    s = FlopsWindowSampler(cg, 96, 0.6, 0.02, 0.2, 1.0, 8)
+    forward = [s.sample(3, i) for i in range(40)]
+    backward = [FlopsWindowSampler(cg, 96, 0.6, 0.02, 0.2, 1.0, 8).sample(3, i) for i in reversed(range(40))]
+    assert forward == backward[::-1]
+    assert len({st.draws for st in forward}) > 3  # draws differ: strategies are filtered, not placed
+    # a strategy found at the first draw is exactly the rounded first ratio vector of (seed, i)
+    one = [st for st in forward if st.draws == 1]
+    assert one and all(list(st.counts.values()) == list(s.counts_of(s.ratios(3, st.index))) for st in one)
+    # the vectorised chunks are an implementation detail: one draw at a time finds the same strategies
+    monkeypatch.setattr(ee, "CHUNKS", (1,))
+    assert [s.sample(3, i) for i in range(40)] == forward
+
+
+def uniform_reference(cg, imgsz, ratio, delta, lo, hi, rt, draws, seed=123):
+    """Pure U(lo, hi) draws rounded like the sampler, kept when inside the window: their kept counts."""
+    groups = cg.prunable
+    sizes = np.array([g.size for g in groups])
+    cm = cg.cost_model(imgsz)
+    counts = round_keep_array(np.random.default_rng(seed).uniform(lo, hi, (draws, len(groups))) * sizes, sizes, rt)
+    X = np.repeat(cm.full[None], draws, 0)
+    X[:, [g.index for g in groups]] = counts
+    kept = cm.macs_batch(X) / cm.macs()
+    return [dict(zip((g.name for g in groups), c)) for c in counts[np.abs(kept - ratio) <= delta]]
+
+
+def test_uniform_full_width_share_matches_pure_uniform_draws_and_is_below_scaled():
+    cg = channel_groups("yolov5n.yaml")
+    cfg = (640, 0.6, 0.02, 0.2, 1.0, 8)
+    uni, scaled = (FlopsWindowSampler(cg, *cfg, sampler=k) for k in ("uniform", "scaled"))
+    ref = uniform_reference(cg, *cfg, draws=200_000)
+    assert len(ref) > 100
+    st_u, st_s = strategy_stats(uni, 0, 200), strategy_stats(scaled, 0, 200)
+    ref_share = full_width_share(uni, ref)
+    assert abs(st_u["full_width"] - ref_share) < 0.03, (st_u["full_width"], ref_share)
+    assert st_s["full_width"] > st_u["full_width"] + 0.1  # scale-and-clip piles groups up at full width
+    assert st_u["share"] == 1.0 and st_u["draws_per_strategy"] > 100 and st_s["draws_per_strategy"] == 1
+    assert st_u["acceptance"] == pytest.approx(len(ref) / 200_000, rel=0.3)
+
+
+@pytest.mark.parametrize("cfg,imgsz", [("yolov5n", 256), ("yolov5s", 640), ("shufflenetv2-yolov5", 320)])
+def test_shipped_recipe_windows_are_reachable_by_uniform_draws(cfg, imgsz):
+    """The demo and shipped recipes search at --remain-ratio 0.6 +- 0.02 with U(0.2, 1): yolov5s only just."""
+    s = FlopsWindowSampler(channel_groups(f"{cfg}.yaml"), imgsz, 0.6)
+    assert all(s.sample(0, i).in_window for i in range(3))
+
+
+def test_unreachable_window_is_a_user_error_with_the_reachable_range(monkeypatch):
+    cg = channel_groups(tiny_cfg())
+    # all groups at --min-remain 0.1 go below 0.29, but uniform draws concentrate far above it
+    with pytest.raises(UserError, match=r"--remain-ratio 0.3 \+- --delta 0.01 is out of reach of uniform draws: "
+                                        r"0 of 1000000 draws .* FLOPs ratio spans (\d+\.\d)%\.\.(\d+\.\d)%.*"
+                                        r"widen --delta, move --min-remain/--max-remain down") as e:
+        FlopsWindowSampler(cg, 96, 0.3, 0.01, 0.1, 0.9, 8)
+    lo, hi = map(float, e.value.args[0].split("spans ")[1].split("%)")[0].split("%.."))
+    assert 31 < lo < hi < 100
+    assert FlopsWindowSampler(cg, 96, 0.3, 0.01, 0.1, 0.9, 8, "scaled").sample(0, 0).in_window
+    with pytest.raises(UserError, match=r"0 of 1000 draws .* move --min-remain/--max-remain up"):
+        FlopsWindowSampler(cg, 96, 0.75, 0.005, 0.2, 1.0, 8, max_draws=1000)
+    # a candidate that runs out of draws says so too (here the bound is made tiny on purpose)
+    monkeypatch.setattr(ee, "PROBE_HITS", 1)
+    s = FlopsWindowSampler(cg, 96, 0.6, 0.02, 0.2, 1.0, 8, max_draws=25)
+    with pytest.raises(UserError, match=r"candidate \d+: --remain-ratio 0.6 \+- --delta 0.02 is out of reach of its "
+                                        r"draws: 0 of 25 draws"):
+        for i in range(100):
+            s.sample(0, i)
+
+
+def test_unknown_sampler_is_a_user_error(synth_data):
+    with pytest.raises(UserError, match="--sampler paper: choose one of uniform, scaled"):
+        EagleEyeOptions(data=str(synth_data), cfg=tiny_cfg(), remain_ratio=0.6, sampler="paper").validate()
+    with pytest.raises(UserError, match="--sampler paper: choose one of uniform, scaled"):
+        FlopsWindowSampler(channel_groups(tiny_cfg()), 96, 0.6, sampler="paper")
 
 
 def test_impossible_budget_is_a_user_error():
@@ -114,7 +197,7 @@ def test_adaptive_bn_on_candidate_path_changes_statistics_not_weights(synth_data
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, synth_data, tiny_cfg_file):
-    """A straight 6-candidate search, and a 3-candidate one resumed to 6."""
+    """A straight 6-candidate search, a 3-candidate one resumed to 6, and a 3-candidate --sampler scaled one."""
     root = tmp_path_factory.mktemp("ee")
     common = ["eagleeye", "--cfg", str(tiny_cfg_file), "--data", str(synth_data), *SEARCH]
     assert main([*common, "--candidates", "6", "--out", str(root / "a")]) == 0
@@ -123,6 +206,7 @@ def runs(tmp_path_factory, synth_data, tiny_cfg_file):
     with open(root / "b" / "candidates.jsonl", "a") as f:  # a line torn by a crash is dropped on resume
         f.write('{"index": 3, "seed": 0, "sta')
     assert main([*common, "--candidates", "6", "--out", str(root / "b"), "--resume"]) == 0
+    assert main([*common, "--candidates", "3", "--sampler", "scaled", "--out", str(root / "scaled")]) == 0
     return root, first3, common
 
 
@@ -137,7 +221,11 @@ def test_search_outputs_and_report(runs):
     recs = read_candidates(a / "candidates.jsonl")
     assert [r["index"] for r in recs] == list(range(6))
     assert all(r["status"] == "ok" and 0.58 <= r["flops_ratio"] <= 0.62 for r in recs)
+    assert all(isinstance(r["draws"], int) and r["draws"] >= 1 for r in recs) and max(r["draws"] for r in recs) > 1
     rep = json.loads((a / "report.json").read_text())
+    assert rep["sampler"] == rep["options"]["sampler"] == "uniform"
+    assert rep["draws_per_candidate"] == pytest.approx(np.mean([r["draws"] for r in recs]))
+    assert rep["acceptance"] == pytest.approx(6 / sum(r["draws"] for r in recs))
     best = max(recs, key=lambda r: (r["map50"], r["map"], -r["index"]))
     assert rep["candidate"] == best["index"] and rep["map50"] == best["map50"] and rep["map"] == best["map"]
     assert rep["evaluated_share"] == 1.0 and rep["sampled"] == 6 and rep["seconds_per_candidate"] > 0
@@ -175,6 +263,18 @@ def test_determinism_and_resume(runs):
     wa = torch.load(root / "a" / "weights.pt", weights_only=True)
     wb = torch.load(root / "b" / "weights.pt", weights_only=True)
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
+
+
+def test_scaled_sampler_search_records_it(runs):
+    root, _, _ = runs
+    recs = read_candidates(root / "scaled" / "candidates.jsonl")
+    assert len(recs) == 3 and all(r["draws"] == 1 and 0.58 <= r["flops_ratio"] <= 0.62 for r in recs)
+    rep = json.loads((root / "scaled" / "report.json").read_text())
+    assert rep["sampler"] == "scaled" and rep["draws_per_candidate"] == 1
+    assert json.loads((root / "scaled" / "search.json").read_text())["sampler"] == "scaled"
+    # the first candidates of the two samplers differ (same seed, other rule)
+    uni = read_candidates(root / "a" / "candidates.jsonl")
+    assert [r["counts"] for r in recs] != [r["counts"] for r in uni[:3]]
 
 
 def read_candidates_text(text):
@@ -221,6 +321,8 @@ def test_best_artifact_fine_tunes(runs, synth_data, tmp_path):
     (["--remain-ratio", "0.6", "--candidates", "0"], "--candidates 0: must be a positive integer"),
     (["--remain-ratio", "0.1", "--min-remain", "0.6"], "is out of reach"),
     (["--remain-ratio", "0.9", "--max-remain", "0.4"], "is out of reach"),
+    (["--remain-ratio", "0.3", "--delta", "0.01", "--min-remain", "0.1", "--max-remain", "0.9"],
+     "is out of reach of uniform draws: 0 of 1000000 draws"),
     (["--remain-ratio", "0.6", "--exclude", "99"], "--exclude 99"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, synth_data, tiny_cfg_file, capsys, args, msg):
@@ -237,3 +339,21 @@ def test_resume_with_other_options_is_refused(runs, capsys):
     rc = main([*common, "--candidates", "6", "--delta", "0.03", "--out", str(root / "a"), "--resume"])
     err = capsys.readouterr().err
     assert rc == 2 and "--delta 0.02" in err and err.count("\n") == 1
+    rc = main([*common, "--candidates", "6", "--sampler", "scaled", "--out", str(root / "a"), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "searched with --sampler 'uniform', not 'scaled'" in err and err.count("\n") == 1
+
+
+def test_resume_of_a_search_from_before_the_sampler_option_needs_scaled(runs, capsys):
+    root, _, common = runs
+    old = root / "old"
+    old.mkdir()
+    saved = json.loads((root / "scaled" / "search.json").read_text())
+    del saved["sampler"]  # what search.json held before --sampler: those searches were all scaled
+    (old / "search.json").write_text(json.dumps(saved))
+    rc = main([*common, "--candidates", "3", "--out", str(old), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "searched with --sampler 'scaled', not 'uniform'" in err
+    assert main([*common, "--candidates", "3", "--sampler", "scaled", "--out", str(old), "--resume"]) == 0
+    assert strip(read_candidates(old / "candidates.jsonl")) == strip(read_candidates(root / "scaled" /
+                                                                                     "candidates.jsonl"))

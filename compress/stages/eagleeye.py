@@ -1,7 +1,8 @@
 """The ``eagleeye`` stage: EagleEye sub-net search (Li et al., ECCV 2020).
 
-Strategies come from the pruning core's :class:`~compress.prune.eagleeye.FlopsWindowSampler` (placed in
-the FLOPs window by the cost model, no model built to choose one). Each candidate keeps, in every group,
+Strategies come from the pruning core's :class:`~compress.prune.eagleeye.FlopsWindowSampler` (``--sampler
+uniform``: the paper's per-group uniform draws, kept when they fall in the FLOPs window; ``scaled``: one draw
+scaled into it; the cost model alone, no model built to choose one). Each candidate keeps, in every group,
 its channels with the largest filter L1 norms (ranked once), gets its BatchNorm statistics re-estimated on
 the same fixed training batches (adaptive BN) and is scored on the same fixed validation subset
 (:class:`CandidateScorer`); the best candidates are written as artifacts for fine-tuning. :func:`run`
@@ -23,7 +24,7 @@ from ..errors import UserError
 from ..fileio import unfinished_run
 from ..log import warn
 from ..options import DataInput, DeviceOptions, flag_name, option
-from ..prune.eagleeye import FlopsWindowSampler, check_window
+from ..prune.eagleeye import SAMPLERS, FlopsWindowSampler, check_window
 from ..prune.importance import l1_scores
 from ..prune.plan import build_pruned, plan_from_counts
 from .base import Report, output_dir
@@ -33,7 +34,7 @@ CANDIDATES, SEARCH = "candidates.jsonl", "search.json"
 METRICS = ("map50", "map")
 # Options that change which candidates are drawn or how they score: a resumed search must match them.
 SEARCH_KEYS = ("weights", "cfg", "data", "remain_ratio", "delta", "min_remain", "max_remain", "round_to",
-               "exclude", "imgsz", "seed", "bn_batches", "eval_batches", "batch")
+               "exclude", "imgsz", "seed", "sampler", "bn_batches", "eval_batches", "batch")
 REMAIN_HELP = ("share of the model's FLOPs the sub-net KEEPS, in (0, 1] (thop convention at --imgsz; prune "
                "--ratio is the share removed)")
 
@@ -48,6 +49,10 @@ class EagleEyeOptions(PruneCommon, DataInput, DeviceOptions):
     delta: float = option(0.02, "every candidate's FLOPs lie within remain-ratio +- delta of the original")
     min_remain: float = option(0.2, "smallest per-group channel keep ratio")
     max_remain: float = option(1.0, "largest per-group channel keep ratio")
+    sampler: str = option("uniform", "how strategies are drawn: uniform (the paper's: every group's keep ratio "
+                                     "U(min-remain, max-remain), redrawn until the FLOPs fall in the window) or "
+                                     "scaled (one draw, scaled by a common factor into the window; piles groups "
+                                     "up at full width)", choices=SAMPLERS)
     bn_batches: int = option(20, "training batches for adaptive BN")
     eval_batches: int = option(10, "validation batches to score on")
     batch: int = option(32, "batch size", flags=("--batch-size",))
@@ -60,7 +65,7 @@ class EagleEyeOptions(PruneCommon, DataInput, DeviceOptions):
 
     def check(self):
         super().check()
-        check_window(self.remain_ratio, self.delta, self.min_remain, self.max_remain, self.round_to)
+        check_window(self.remain_ratio, self.delta, self.min_remain, self.max_remain, self.round_to, self.sampler)
         self.require_positive("candidates", "bn_batches", "eval_batches", "batch", "top_k")
         if not self.data:
             raise UserError("--data DATA.yaml is required")
@@ -162,6 +167,7 @@ def _prior_records(o: EagleEyeOptions, out: Path, sampler) -> list:
         saved = json.loads(saved_f.read_text())
     except json.JSONDecodeError:
         raise UserError(f"{saved_f}: not valid JSON (not written by compress eagleeye?)") from None
+    saved.setdefault("sampler", "scaled")  # searches from before --sampler existed were all scaled
     now = _search_fingerprint(o)
     for k in SEARCH_KEYS:
         if saved.get(k) != now[k]:
@@ -197,8 +203,8 @@ def load_search_model(o: EagleEyeOptions):
     """Load what a search starts from: ``(prune input, data, sampler)``.
 
     The model comes from ``--weights`` (or ``--cfg`` with seeded random weights), in eval mode with the
-    dataset's class names; the groups honour ``--exclude``; the sampler raises UserError when the FLOPs
-    window is out of reach.
+    dataset's class names; the groups honour ``--exclude``; the sampler (``--sampler``) raises UserError when
+    the FLOPs window is out of reach.
     """
     from ..data.dataset import load_data_yaml
 
@@ -206,7 +212,7 @@ def load_search_model(o: EagleEyeOptions):
     data = load_data_yaml(o.data)
     inp = load_prune_input(o, data, seed=o.seed)
     sampler = FlopsWindowSampler(inp.groups, inp.imgsz, o.remain_ratio, o.delta, o.min_remain, o.max_remain,
-                                 o.round_to)
+                                 o.round_to, o.sampler)
     return inp, data, sampler
 
 
@@ -329,7 +335,8 @@ def _one_candidate(o, sampler, scorer, index, rank):
     t = time.perf_counter()
     st = sampler.sample(o.seed, index)
     rec = {"index": index, "seed": o.seed, "status": "ok" if st.in_window else "rejected",
-           "counts": st.counts, "flops_ratio": st.flops_ratio, "gflops": st.gflops, "params": st.params}
+           "counts": st.counts, "flops_ratio": st.flops_ratio, "gflops": st.gflops, "params": st.params,
+           "draws": st.draws}
     model = None
     if st.in_window:
         model, res = scorer.score(st.counts)
@@ -404,12 +411,15 @@ def _write_outputs(o, out, inp, sampler, scorer, records, top, wall, n_new, worl
     summary = [{"rank": k + 1, "candidate": r["index"], "flops_ratio": r["flops_ratio"], "gflops": r["gflops"],
                 "params": r["params"], "map50": r["map50"], "map": r["map"]} for k, (r, _) in enumerate(top)]
     opts = {k: v for k, v in o.to_dict().items() if k != "progress"}
+    draws = sum(r.get("draws", 1) for r in recs)
     rep = pruned_report(inp, counts, "eagleeye", opts, {
         "candidate": best_rec["index"], "score_metric": o.metric, "score": best_rec[o.metric],
         "base_map50": base["map50"], "base_map": base["map"],
         "eval_images": sum(len(b[2]) for b in scorer.val_batches),
         "bn_images": sum(len(b[2]) for b in scorer.bn_batches),
-        "sampled": len(recs), "evaluated": len(ok), "evaluated_share": len(ok) / max(len(recs), 1),
+        "sampler": o.sampler, "sampled": len(recs), "evaluated": len(ok),
+        "evaluated_share": len(ok) / max(len(recs), 1), "draws_per_candidate": draws / max(len(recs), 1),
+        "acceptance": len(ok) / max(draws, 1),
         "seconds_per_candidate": float(np.mean([r["seconds"] for r in ok])) if ok else None,
         "wall_seconds_per_candidate": wall / n_new if n_new else None,
         "search_seconds": round(wall, 2), "world_size": world, "top": summary})
@@ -431,7 +441,8 @@ def _write_outputs(o, out, inp, sampler, scorer, records, top, wall, n_new, worl
                  title=f"EagleEye {out}: {len(ok)} candidates at {o.remain_ratio:.0%} +- {o.delta:.0%} of the FLOPs")
 
     print(f"\ntop {len(top)} of {len(ok)} evaluated candidates ({len(ok)}/{len(recs)} = "
-          f"{len(ok) / max(len(recs), 1):.1%} of sampled strategies inside the FLOPs window), scored on "
+          f"{len(ok) / max(len(recs), 1):.1%} of sampled strategies inside the FLOPs window; --sampler "
+          f"{o.sampler}: {rep.details['draws_per_candidate']:.1f} draws per candidate), scored on "
           f"{rep.details['eval_images']} val images after adaptive BN on {rep.details['bn_images']} train images:")
     print(format_table(["rank", "candidate", "FLOPs ratio", "params", "GFLOPs", "mAP50", "mAP50-95"],
                        [[s["rank"], s["candidate"], f"{s['flops_ratio']:.4f}", s["params"], f"{s['gflops']:.3f}",
