@@ -149,7 +149,7 @@ def test_load_hyp(tmp_path):
         load_hyp(f)
     with pytest.raises(UserError, match="fliplr"):
         load_hyp({"fliplr": 1.5})
-    with pytest.raises(UserError, match="lr0: expected a number"):
+    with pytest.raises(UserError, match="lr0: expected a finite number"):
         load_hyp({"lr0": "fast"})
 
 

@@ -72,7 +72,7 @@ def test_qat_bad_input(trained, synth_data, tmp_path):
     cases = [
         (["--backend", "Hexagon", "--out", tmp_path / "a"], "valid: NNIE, Tensorrt"),
         (["--backend", "ONNX_QNN", "--out", tmp_path / "b"], "SiLU"),
-        (["--backend", "NNIE", "--calib-batches", 500, "--out", tmp_path / "c"], "calibration images"),
+        (["--backend", "NNIE", "--calib-batches", 500, "--out", tmp_path / "c"], "train images asked"),
     ]
     for extra, msg in cases:
         p = cli(*base, *extra)

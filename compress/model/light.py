@@ -124,18 +124,20 @@ class conv_bn_hswish(nn.Module):  # noqa: N801
 class MobileNetV3_InvertedResidual(nn.Module):  # noqa: N801
     """MobileNetV3 inverted residual: [1x1 expand to ``hidden_dim``] -> depthwise k x k -> [SeBlock] ->
     1x1 project to ``oup``; Hardswish or ReLU; plus the input when stride 1 and inp == oup. Without
-    expansion (inp == hidden_dim) the depthwise conv runs on the input. ``se``: the SE squeeze width."""
+    expansion (by default when inp == hidden_dim) the depthwise conv runs on the input. ``se``: the SE
+    squeeze width; ``expand``: whether there is an expansion conv (default ``inp != hidden_dim``)."""
 
-    def __init__(self, inp, oup, hidden_dim, kernel_size, stride, use_se, use_hs, se=None):
+    def __init__(self, inp, oup, hidden_dim, kernel_size, stride, use_se, use_hs, se=None, expand=None):
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"MobileNetV3_InvertedResidual stride must be 1 or 2, got {stride}")
+        expand = inp != hidden_dim if expand is None else expand
         self.identity = stride == 1 and inp == oup
         act = nn.Hardswish if use_hs else nn.ReLU
         dw = nn.Conv2d(hidden_dim, hidden_dim, kernel_size, stride, (kernel_size - 1) // 2, groups=hidden_dim,
                        bias=False)
         squeeze = SeBlock(hidden_dim, squeeze=se) if use_se else nn.Sequential()
-        if inp == hidden_dim:
+        if not expand:
             self.conv = nn.Sequential(dw, nn.BatchNorm2d(hidden_dim), act(), squeeze,
                                       nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False), nn.BatchNorm2d(oup))
         else:

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from . import blocks as B
+from . import light as L
 
 
 # ------------------------------------------------------------------------------------ field checks
@@ -130,9 +131,11 @@ class BlockRule:
     module: type = None
     fields: tuple = ()
     widths: tuple = ()
+    extras: tuple = ()  # other keys of the trailing dict (not widths), e.g. a block's structure flag
     scaled: bool = True
     repeats: str = "chain"
     pickled: tuple = ()
+    pickled_renames: dict = {}  # state-dict key prefixes of the pickled class -> ours (same tensors)
 
     # --------------------------------------------------------------------------------- parsing
     def parse(self, ctx: RowContext):
@@ -169,9 +172,10 @@ class BlockRule:
     def _split_widths(self, args):
         if args and isinstance(args[-1], dict):
             extra = args[-1]
-            unknown = set(extra) - set(self.widths)
+            allowed = self.widths + self.extras
+            unknown = set(extra) - set(allowed)
             if unknown:
-                raise UserError(f"unknown width key(s) {sorted(unknown)} (allowed: {', '.join(self.widths) or 'none'})")
+                raise UserError(f"unknown width key(s) {sorted(unknown)} (allowed: {', '.join(allowed) or 'none'})")
             return args[:-1], extra
         return args, {}
 
@@ -300,6 +304,9 @@ class ConvMaxpoolRule(BlockRule):
 
     names = ("Conv_maxpool", "conv_bn_relu_maxpool")
     module = B.Conv_maxpool
+    # the reference tool's Conv_maxpool holds a raw Sequential(Conv2d, BatchNorm2d, ReLU)
+    pickled = ("models.common.Conv_maxpool",)
+    pickled_renames = {"conv.0.": "conv.conv.", "conv.1.": "conv.bn."}
 
     def build(self, p):
         return B.Conv_maxpool(p["c1"], p["c2"])
@@ -468,23 +475,35 @@ class ShuffleBlockRule(BlockRule):
             out, hw = self._one(w, pre, i, out, hw, p["c2"], p["stride"], h, w.path(i, -1, "hidden", j))
         return out, hw
 
+    def keys(self, P: str) -> dict:
+        """``{part: (module prefix, weight key, bias key, BN prefix)}`` of the block's convs."""
+        return {part: (f"{P}.{m}", f"{P}.{m}.conv.weight", None, f"{P}.{m}.bn") for part, m in (
+            ("b1_dw", "branch1.0"), ("b1_pw", "branch1.1"), ("b2_pw1", "branch2.0"), ("b2_dw", "branch2.1"),
+            ("b2_pw2", "branch2.2"))}
+
     def _one(self, w, P, i, lay, hw_in, c2, stride, hidden, hidden_path):
         half = c2 // 2
-        reason = f"ShuffleBlock output {P} (chunk + channel shuffle)"
+        reason = f"{self.names[0]} output {P} (chunk + channel shuffle)"
+        k = self.keys(P)
+
+        def kw(part):
+            _, weight, bias, bn = k[part]
+            return {"weight": weight, "bias": bias, "bn": bn}
+
         if stride == 2:
             if len(lay) > 1:
                 w.fix(lay, f"input of {P} (a concat feeding a depthwise conv)")
-            hw_b = w.dw(f"{P}.branch1.0", i, lay, hw_in, 3, 2)
-            b1, _ = w.conv(f"{P}.branch1.1", i, lay, half, hw_b)
+            hw_b = w.dw(k["b1_dw"][0], i, lay, hw_in, 3, 2, **kw("b1_dw"))
+            b1, _ = w.conv(k["b1_pw"][0], i, lay, half, hw_b, **kw("b1_pw"))
             w.fix((b1,), reason)
             inp = lay
         else:
             w.fix(lay, f"input of {P} (split by chunk(2))")
             c_in = w.width(lay)
             inp = (w.new(c_in - c_in // 2, label=f"{P}.chunk", fixed=f"second half of {P}'s input"),)
-        h, _ = w.conv(f"{P}.branch2.0", i, inp, hidden, hw_in, path=hidden_path)
-        hw = w.dw(f"{P}.branch2.1", i, (h,), hw_in, 3, stride)
-        b2, _ = w.conv(f"{P}.branch2.2", i, (h,), half, hw)
+        h, _ = w.conv(k["b2_pw1"][0], i, inp, hidden, hw_in, path=hidden_path, **kw("b2_pw1"))
+        hw = w.dw(k["b2_dw"][0], i, (h,), hw_in, 3, stride, **kw("b2_dw"))
+        b2, _ = w.conv(k["b2_pw2"][0], i, (h,), half, hw, **kw("b2_pw2"))
         w.fix((b2,), reason)
         return (w.new(c2, label=f"{P}.out", fixed=reason),), hw
 
@@ -590,11 +609,323 @@ class DetectRule(BlockRule):
         return (), hw
 
 
+# ============================================================================ the lightweight backbones
+def even_width(v) -> bool:
+    """A positive even width (a Ghost module's two halves)."""
+    return pos_int(v) and v % 2 == 0
+
+
+def relu6_name(v) -> bool:
+    """'ReLU6'."""
+    return v == "ReLU6"
+
+
+def drop_rate(v) -> bool:
+    """A drop-connect rate in [0, 1)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+
+
+def _se_width(p, extra, c, reduction=4):
+    """The squeeze width of a block's SeBlock over ``c`` channels (explicit, else ``c // reduction``; None
+    without SE)."""
+    return int(extra.get("se", c // reduction)) if p.get("use_se") or p.get("has_se") else None
+
+
+def _with_widths(p, rest, keys, extras=()):
+    """The normal form: the args as written, then the explicit inner widths that are set."""
+    d = {k: p[k] for k in keys if p.get(k) is not None}
+    d.update({k: p[k] for k in extras})
+    return [p["c2"], *rest] + ([d] if d else [])
+
+
+def _ghost(w, P, layer, lay, c2, hw, path, act=True):
+    """A GhostConv at ``P``: its primary 1x1 conv makes set G (the YAML writes 2 x G at ``path``), its cheap
+    depthwise conv passes G through; the output is the layout (G, G)."""
+    g, _ = w.conv(f"{P}.primary_conv", layer, lay, c2 // 2, hw, path=path, scale=2)
+    w.dw(f"{P}.cheap_operation", layer, (g,), hw, 3, 1)
+    return (g, g)
+
+
+class GhostConvRule(BlockRule):
+    """GhostNet's Ghost module as a layer: ``[c2, k, s, g, act]`` (k, s, g ignored, as the reference)."""
+
+    names = ("GhostConv",)
+    module = L.GhostConv
+    fields = (("k", 1, kernel), ("s", 1, pos_int), ("g", 1, pos_int), ("act", True, flag))
+    pickled = ("models.common.GhostConv",)
+
+    def check(self, p, ctx):
+        if not even_width(p["c2"]):
+            raise UserError(f"GhostConv output width {p['c2']} must be even (two halves)")
+
+    def build(self, p):
+        return L.GhostConv(p["c1"], p["c2"], p["k"], p["s"], p["g"], p["act"])
+
+    def walk(self, w, p, prefix, layer, lay, hw):
+        return _ghost(w, prefix, layer, lay, p["c2"], hw, w.path(layer, 0)), hw
+
+
+class GhostBottleneckRule(BlockRule):
+    """GhostNet bottleneck: ``[c2, midc, k, s, use_se, {se}]``.
+
+    Both Ghost modules' primary widths are prunable (the YAML's midc and c2 are twice them); the SE
+    squeeze width is its own group; the residual add pairs the block's two output halves with the input's
+    two halves (another Ghost block's) or with the two halves of the projection shortcut's output.
+    """
+
+    names = ("GhostBottleneck",)
+    module = L.GhostBottleneck
+    fields = (("midc", None, even_width), ("k", 3, kernel), ("s", 1, stride_1_or_2), ("use_se", False, flag))
+    widths = ("se",)
+    pickled = ("models.common.GhostBottleneck", "models.common.SeBlock")
+
+    def inner_widths(self, p, extra):
+        return {"se": _se_width(p, extra, p["midc"])}
+
+    def check(self, p, ctx):
+        if not even_width(p["c2"]):
+            raise UserError(f"GhostBottleneck output width {p['c2']} must be even (two halves)")
+
+    def normal_args(self, p, rest):
+        return _with_widths(p, rest, ("se",))
+
+    def stride(self, p):
+        return p["s"]
+
+    def build(self, p):
+        return L.GhostBottleneck(p["c1"], p["c2"], p["midc"], p["k"], p["s"], p["use_se"], se=p["se"])
+
+    def walk(self, w, p, prefix, layer, lay, hw_in):
+        mid = _ghost(w, f"{prefix}.conv.0", layer, lay, p["midc"], hw_in, w.path(layer, 1))
+        hw = w.dw(f"{prefix}.conv.1", layer, mid, hw_in, 3, 2) if p["s"] == 2 else hw_in
+        if p["use_se"]:
+            w.squeeze_excite(f"{prefix}.conv.2", layer, mid, hw, w.path(layer, -1, "se"), p["se"])
+        out = _ghost(w, f"{prefix}.conv.3", layer, mid, p["c2"], hw, w.path(layer, 0))
+        if p["c1"] == p["c2"] and p["s"] == 1:
+            w.residual(lay, out, prefix)
+        else:
+            w.dw(f"{prefix}.shortcut.0", layer, lay, hw_in, 3, p["s"])
+            halves, _ = w.conv(f"{prefix}.shortcut.1", layer, lay, p["c2"], hw, parts=2)
+            w.residual(halves, out, prefix)
+        return out, hw
+
+
+class ShuffleNetV2Rule(ShuffleBlockRule):
+    """The reference tool's ShuffleNetV2 unit: ``[c2, stride, {hidden: [per repeat]}]`` (its width scaled by
+    width_multiple, raw Conv2d/BN layers, biased depthwise convs); channel rules as ShuffleBlock's."""
+
+    names = ("ShuffleNetV2_InvertedResidual",)
+    module = L.ShuffleNetV2_InvertedResidual
+    scaled = True
+    pickled = ("models.common.ShuffleNetV2_InvertedResidual",)
+
+    def check(self, p, ctx):
+        super().check(p, ctx)
+        if p["stride"] == 1 and p["c1"] != p["c2"]:
+            raise UserError(f"ShuffleNetV2_InvertedResidual with stride 1 needs input width == output width "
+                            f"({p['c1']} != {p['c2']})")
+
+    def build_row(self, spec):
+        p = spec.p
+        blocks = [L.ShuffleNetV2_InvertedResidual(p["c1"], p["c2"], p["stride"], hidden=h) for h in p["hidden"]]
+        return blocks[0] if spec.n == 1 else nn.Sequential(*blocks)
+
+    def keys(self, P):
+        def raw(conv, bn, bias=False):
+            return (f"{P}.{conv}", f"{P}.{conv}.weight", f"{P}.{conv}.bias" if bias else None, f"{P}.{bn}")
+
+        return {"b1_dw": raw("branch1.0", "branch1.1", True), "b1_pw": raw("branch1.2", "branch1.3"),
+                "b2_pw1": raw("branch2.0", "branch2.1"), "b2_dw": raw("branch2.3", "branch2.4", True),
+                "b2_pw2": raw("branch2.5", "branch2.6")}
+
+
+class ConvBnHswishRule(BlockRule):
+    """MobileNetV3's stem: 3x3 conv + BN + Hardswish, ``[c2, stride]``."""
+
+    names = ("conv_bn_hswish",)
+    module = L.conv_bn_hswish
+    fields = (("stride", None, stride_1_or_2),)
+    pickled = ("models.common.conv_bn_hswish",)
+
+    def build(self, p):
+        return L.conv_bn_hswish(p["c1"], p["c2"], p["stride"])
+
+    def stride(self, p):
+        return p["stride"]
+
+    def walk(self, w, p, prefix, layer, lay, hw):
+        o, hw = w.conv(prefix, layer, lay, p["c2"], hw, 3, p["stride"], 1, weight=f"{prefix}.conv.weight",
+                       path=w.path(layer, 0))
+        return (o,), hw
+
+
+class StemRule(BlockRule):
+    """EfficientNet-Lite's stem: 3x3 stride-2 conv + BN + ReLU6, ``[c2, act]``."""
+
+    names = ("stem",)
+    module = L.stem
+    fields = (("act", "ReLU6", relu6_name),)
+    pickled = ("models.common.stem",)
+
+    def build(self, p):
+        return L.stem(p["c1"], p["c2"], p["act"])
+
+    def stride(self, p):
+        return 2.0
+
+    def walk(self, w, p, prefix, layer, lay, hw):
+        o, hw = w.conv(prefix, layer, lay, p["c2"], hw, 3, 2, 1, weight=f"{prefix}.conv.weight",
+                       path=w.path(layer, 0))
+        return (o,), hw
+
+
+def _raw(P, conv, bn):
+    """Keys of a raw Conv2d at ``P.conv`` followed by a BatchNorm2d at ``P.bn``."""
+    return {"weight": f"{P}.{conv}.weight", "bn": f"{P}.{bn}"}
+
+
+class MobileNetV3Rule(BlockRule):
+    """MobileNetV3 inverted residual: ``[c2, hidden, k, s, use_se, use_hs, {se, expand}]``.
+
+    With expansion the hidden width is its own group; without (hidden == input width) the depthwise conv
+    and the SE run on the input's channels, so the YAML's hidden follows the input's group. ``expand``
+    (written in the normal form) keeps the structure when pruning makes the two widths equal.
+    """
+
+    names = ("MobileNetV3_InvertedResidual",)
+    module = L.MobileNetV3_InvertedResidual
+    fields = (("hidden", None, pos_int), ("k", 3, odd_kernel), ("s", 1, stride_1_or_2), ("use_se", 0, flag),
+              ("use_hs", 0, flag))
+    widths = ("se",)
+    extras = ("expand",)
+    pickled = ("models.common.MobileNetV3_InvertedResidual",)
+
+    def inner_widths(self, p, extra):
+        return {"se": _se_width(p, extra, p["hidden"]), "expand": bool(extra.get("expand", p["c1"] != p["hidden"]))}
+
+    def check(self, p, ctx):
+        if not p["expand"] and p["c1"] != p["hidden"]:
+            raise UserError(f"MobileNetV3_InvertedResidual without expansion needs hidden == input width "
+                            f"({p['hidden']} != {p['c1']})")
+
+    def normal_args(self, p, rest):
+        return _with_widths(p, rest, ("se",), ("expand",))
+
+    def stride(self, p):
+        return p["s"]
+
+    def build(self, p):
+        return L.MobileNetV3_InvertedResidual(p["c1"], p["c2"], p["hidden"], p["k"], p["s"], p["use_se"],
+                                              p["use_hs"], se=p["se"], expand=p["expand"])
+
+    def walk(self, w, p, prefix, layer, lay, hw):
+        P = f"{prefix}.conv"
+        if p["expand"]:
+            h, _ = w.conv(f"{P}.0", layer, lay, p["hidden"], hw, path=w.path(layer, 1), **_raw(P, 0, 1))
+            mid, dw, se, proj = (h,), (3, 4), 5, (7, 8)
+        else:
+            w.add_path(lay, w.path(layer, 1))  # hidden is the input's width
+            mid, dw, se, proj = lay, (0, 1), 3, (4, 5)
+        hw = w.dw(f"{P}.{dw[0]}", layer, mid, hw, p["k"], p["s"], **_raw(P, *dw))
+        if p["use_se"]:
+            w.squeeze_excite(f"{P}.{se}", layer, mid, hw, w.path(layer, -1, "se"), p["se"])
+        o, _ = w.conv(f"{P}.{proj[0]}", layer, mid, p["c2"], hw, path=w.path(layer, 0), **_raw(P, *proj))
+        if p["s"] == 1 and p["c1"] == p["c2"]:
+            w.residual(lay, (o,), prefix)
+        return (o,), hw
+
+
+class MBConvRule(BlockRule):
+    """EfficientNet-Lite MBConv: ``[c2, k, s, expand_ratio, drop_connect_rate, has_se, {expanded, se}]``.
+
+    The expanded width is its own group (without expansion it is the input's); the SE squeeze width its
+    own; the projection joins the input's group through the residual add (stride 1, same width).
+    """
+
+    names = ("MBConvBlock",)
+    module = L.MBConvBlock
+    fields = (("k", 3, odd_kernel), ("s", 1, stride_1_or_2), ("expand_ratio", 1, pos_int),
+              ("drop_connect_rate", 0, drop_rate), ("has_se", False, flag))
+    widths = ("expanded", "se")
+    pickled = ("models.common.MBConvBlock", "models.common.drop_connect")
+
+    def inner_widths(self, p, extra):
+        expanded = int(extra.get("expanded", p["c1"] * p["expand_ratio"]))
+        return {"expanded": expanded, "se": _se_width(p, extra, expanded)}
+
+    def check(self, p, ctx):
+        if p["expand_ratio"] == 1 and p["expanded"] != p["c1"]:
+            raise UserError(f"MBConvBlock without expansion needs expanded == input width ({p['expanded']} != "
+                            f"{p['c1']})")
+
+    def normal_args(self, p, rest):
+        return _with_widths(p, rest, ("expanded", "se"))
+
+    def stride(self, p):
+        return p["s"]
+
+    def build(self, p):
+        return L.MBConvBlock(p["c1"], p["c2"], p["k"], p["s"], p["expand_ratio"], p["drop_connect_rate"],
+                             p["has_se"], expanded=p["expanded"], se=p["se"])
+
+    def walk(self, w, p, prefix, layer, lay, hw):
+        path = w.path(layer, -1, "expanded")
+        if p["expand_ratio"] != 1:
+            e, _ = w.conv(f"{prefix}._expand_conv", layer, lay, p["expanded"], hw, path=path,
+                          **_raw(prefix, "_expand_conv", "_bn0"))
+            mid = (e,)
+        else:
+            w.add_path(lay, path)
+            mid = lay
+        hw = w.dw(f"{prefix}._depthwise_conv", layer, mid, hw, p["k"], p["s"],
+                  **_raw(prefix, "_depthwise_conv", "_bn1"))
+        if p["has_se"]:
+            w.squeeze_excite(f"{prefix}.se", layer, mid, hw, w.path(layer, -1, "se"), p["se"])
+        o, _ = w.conv(f"{prefix}._project_conv", layer, mid, p["c2"], hw, path=w.path(layer, 0),
+                      **_raw(prefix, "_project_conv", "_bn2"))
+        if p["s"] == 1 and p["c1"] == p["c2"]:
+            w.residual(lay, (o,), prefix)
+        return (o,), hw
+
+
+class DepthSepConvRule(BlockRule):
+    """PP-LCNet block: ``[c2, dw_size, s, use_se, {se}]``; depthwise on the input's channels, SE (squeeze
+    input // 16) on them, then a pointwise conv making the output group."""
+
+    names = ("DepthSepConv",)
+    module = L.DepthSepConv
+    fields = (("dw_size", 3, odd_kernel), ("s", 1, stride_1_or_2), ("use_se", False, flag))
+    widths = ("se",)
+    pickled = ("models.common.DepthSepConv",)
+
+    def inner_widths(self, p, extra):
+        return {"se": _se_width(p, extra, p["c1"], 16)}
+
+    def normal_args(self, p, rest):
+        return _with_widths(p, rest, ("se",))
+
+    def stride(self, p):
+        return p["s"]
+
+    def build(self, p):
+        return L.DepthSepConv(p["c1"], p["c2"], p["dw_size"], p["s"], p["use_se"], se=p["se"])
+
+    def walk(self, w, p, prefix, layer, lay, hw):
+        P = f"{prefix}.dw_sp"
+        hw = w.dw(f"{P}.0", layer, lay, hw, p["dw_size"], p["s"], **_raw(P, 0, 1))
+        if p["use_se"]:
+            w.squeeze_excite(f"{P}.3", layer, lay, hw, w.path(layer, -1, "se"), p["se"])
+        o, _ = w.conv(f"{P}.4", layer, lay, p["c2"], hw, path=w.path(layer, 0), **_raw(P, 4, 5))
+        return (o,), hw
+
+
 UPSAMPLE_MODES = ("nearest", "bilinear", "bicubic")
 SILU_CLASSES = {"torch.nn.modules.activation.SiLU", "utils.activations.SiLU"}
 
 RULES = (ConvRule(), FocusRule(), ConvMaxpoolRule(), BottleneckRule(), C3Rule(), SPPFRule(), SPPRule(),
-         ShuffleBlockRule(), ConcatRule(), UpsampleRule(), DetectRule())
+         ShuffleBlockRule(), ConcatRule(), UpsampleRule(), DetectRule(),
+         GhostConvRule(), GhostBottleneckRule(), ShuffleNetV2Rule(), ConvBnHswishRule(), MobileNetV3Rule(),
+         StemRule(), MBConvRule(), DepthSepConvRule())
 BY_NAME = {name: r for r in RULES for name in r.names}
 BY_PICKLED = {q: r for r in RULES for q in r.pickled}
 

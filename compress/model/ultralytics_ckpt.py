@@ -67,7 +67,9 @@ _ROOT_CLASSES = {"models.yolo.Model", "models.yolo.DetectionModel"}
 # torch.nn layers inside them; anything else in the tree is refused.
 _LAYERS = {
     "torch.nn.modules.conv.Conv2d", "torch.nn.modules.batchnorm.BatchNorm2d",
-    "torch.nn.modules.activation.SiLU", "utils.activations.SiLU",
+    "torch.nn.modules.activation.SiLU", "utils.activations.SiLU", "torch.nn.modules.activation.ReLU",
+    "torch.nn.modules.activation.ReLU6", "torch.nn.modules.activation.Hardswish",
+    "torch.nn.modules.activation.Sigmoid", "torch.nn.modules.pooling.AdaptiveAvgPool2d",
     "torch.nn.modules.container.Sequential", "torch.nn.modules.container.ModuleList",
     "torch.nn.modules.upsampling.Upsample", "torch.nn.modules.pooling.MaxPool2d",
     "torch.nn.modules.linear.Identity",
@@ -1019,9 +1021,19 @@ def _collect(m, prefix, out, path, copy, depth=0, visits=None):
         if prefix + k in out:
             raise UserError(f"{path}: '{prefix}{k}' is both a parameter and a buffer")
         out[prefix + k] = copy(v)
+    rule = BY_PICKLED.get(m.qualname)
+    renames = getattr(rule, "pickled_renames", None)
+    into = {} if renames else out
     for k, child in st["_modules"].items():
         if child is not None:
-            _collect(child, f"{prefix}{k}.", out, path, copy, depth + 1, visits)
+            _collect(child, f"{prefix}{k}.", into, path, copy, depth + 1, visits)
+    if renames:  # a reference class whose layers sit under other names than our block's (same tensors)
+        for key, v in into.items():
+            rest = key[len(prefix):]
+            new = next((prefix + b + rest[len(a):] for a, b in renames.items() if rest.startswith(a)), key)
+            if new in out:
+                raise UserError(f"{path}: '{new}' appears twice")
+            out[new] = v
 
 
 def _cfg_numbers_ok(x, depth=0) -> bool:

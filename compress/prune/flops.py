@@ -2,8 +2,9 @@
 
 Counts follow thop as :func:`compress.model.profile.profile` uses it: a conv costs
 ``out_elems * (c_in / groups) * k * k`` MACs (thop does not count the bias), an affine BatchNorm
-``4 * elems`` (thop's 2 x elems, doubled when affine), an nn.Upsample ``out_elems`` (nearest), activations,
-pools and concats nothing; GFLOPs = 2 x MACs / 1e9.
+``4 * elems`` (thop's 2 x elems, doubled when affine), an nn.Upsample ``out_elems`` (nearest), a global
+average pool ``(in_elems + 1)`` per channel, activations, max-pools, products and concats nothing;
+GFLOPs = 2 x MACs / 1e9.
 Params are ``numel`` of every parameter (conv weights and biases, BN weight and bias).
 
 Every conv's output and input widths are linear in the group counts, so the cost is a quadratic form
@@ -29,7 +30,7 @@ class CostModel:
         # the walk at this image size gives every conv's output size; records are joined by conv name
         sizes = walk(cg.cfg, self.hw)
         conv_hw = {r.prefix: r.hw_out for r in sizes.convs}
-        up_hw = {u.layer: u.hw_out for u in sizes.upsamples}
+        op_cost = {u.name: u.ops for u in sizes.channel_ops}
         G = len(cg.groups)
         self.index = {g.name: g.index for g in cg.groups}
         self.full = np.array([g.size for g in cg.groups], dtype=np.float64)
@@ -41,27 +42,27 @@ class CostModel:
         self.conv_layer = np.zeros(n, dtype=np.int64)
         for j, r in enumerate(cg.convs):
             hw_out[j] = conv_hw[r.prefix]
-            self.kk[j], self.bias[j], self.bn[j] = r.kk, float(r.bias), float(r.bn)
+            self.kk[j], self.bias[j], self.bn[j] = r.kk, float(r.bias is not None), float(r.bn is not None)
             self.conv_layer[j] = r.layer
             if r.out:
                 for g in r.out:
                     self.a_out[j, g] += 1
             else:
                 self.b_out[j] = r.c_out
-            if r.kind in ("conv", "detect"):  # c_in / groups (groups == 1) follows the input layout
+            if r.kind in ("conv", "tied", "detect"):  # c_in / groups (groups == 1) follows the input layout
                 for g in r.inp:
                     self.a_in[j, g] += 1
             else:  # depthwise: 1 input channel per group; fixed grouped conv: constant
                 self.b_in[j] = 1 if r.kind == "dw" else r.c_in // r.groups
         self.mac_w = hw_out * self.kk          # x c_out x c_in/g
         self.bn_w = 4 * hw_out * self.bn       # x c_out (thop: 2 x elems, doubled for affine BN)
-        self.a_up = np.zeros((len(cg.upsamples), G))
-        self.up_w = np.zeros(len(cg.upsamples))
-        self.up_layer = np.zeros(len(cg.upsamples), dtype=np.int64)
-        for j, u in enumerate(cg.upsamples):
+        self.a_up = np.zeros((len(cg.channel_ops), G))
+        self.up_w = np.zeros(len(cg.channel_ops))
+        self.up_layer = np.zeros(len(cg.channel_ops), dtype=np.int64)
+        for j, u in enumerate(cg.channel_ops):  # ops linear in the channels: upsampling, global pooling
             for g in u.layout:
                 self.a_up[j, g] += 1
-            self.up_w[j] = up_hw[u.layer] * u.ops_per_elem
+            self.up_w[j] = op_cost[u.name]
             self.up_layer[j] = u.layer
         self.n_layers = len(cg.layer_out)
 

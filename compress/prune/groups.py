@@ -23,7 +23,7 @@ import functools
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from .walk import ConvRecord, UpsampleRecord, Walker, hw_of, walk  # noqa: F401  (records re-exported)
+from .walk import ChannelOpRecord, ConvRecord, Walker, hw_of, walk  # noqa: F401  (records re-exported)
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,14 @@ class Consumer:
 class Group:
     """A set of channels pruned together.
 
-    ``producers``: state_dict keys whose dim 0 is exactly this group's channels (conv weights, BN
-    weight/bias/running_mean/running_var, depthwise convs the channels pass through). ``consumers``: conv
-    weights taking the channels on dim 1. ``yaml_paths``: paths into the normal-form YAML (e.g.
-    ``("backbone", 2, 3, 3, "cv1")``) whose number equals ``size``. ``modules``: the conv modules that
-    create the channels (``model.2.cv1``, ``model.2.m.0.cv2``: what ``--exclude`` matches), ``layers``
-    their layer indices. ``prunable`` is False with a ``reason`` for channels that must stay.
+    ``producers``: state_dict keys whose dim 0 is exactly this group's channels (conv weights and biases,
+    BN weight/bias/running_mean/running_var, depthwise convs the channels pass through, a
+    squeeze-excitation's expand conv). ``bn_weights``: the BN gammas among them (Network Slimming's
+    scores). ``consumers``: conv weights taking the channels on dim 1. ``yaml_paths``: paths into the
+    normal-form YAML (e.g. ``("backbone", 2, 3, 3, "cv1")``) whose number is ``size`` times the matching
+    entry of ``yaml_scales`` (2 where a Ghost module writes both its halves). ``modules``: the conv modules
+    that create the channels (``model.2.cv1``, ``model.2.m.0.cv2``: what ``--exclude`` matches),
+    ``layers`` their layer indices. ``prunable`` is False with a ``reason`` for channels that must stay.
     """
 
     index: int
@@ -65,6 +67,8 @@ class Group:
     layers: tuple
     prunable: bool = True
     reason: str = ""
+    bn_weights: tuple = ()
+    yaml_scales: tuple = ()
 
 
 @dataclass
@@ -78,7 +82,7 @@ class ChannelGroups:
     cfg: dict
     groups: list
     convs: list            # ConvRecord, in model order
-    upsamples: list        # UpsampleRecord
+    channel_ops: list      # ChannelOpRecord: upsampling, global pooling
     layer_out: list        # per layer: output layout (tuple of group indices); () for Detect
     layer_types: list      # per layer: module name
     nb: int                # number of backbone rows
@@ -127,10 +131,10 @@ class ChannelGroups:
         """``{state_dict key: (dim-0 layout or None, dim-1 layout or None)}`` for every sliceable tensor."""
         out = {}
         for r in self.convs:
-            d0 = r.out if r.kind in ("conv", "dw") else None
-            d1 = r.inp if r.kind in ("conv", "detect") else None
+            d0 = r.out if r.kind in ("conv", "tied", "dw") else None
+            d1 = r.inp if r.kind in ("conv", "tied", "detect") else None
             out[r.weight] = (d0, d1)
-            for k in r.bn_keys:
+            for k in r.dim0_keys:
                 out[k] = (d0, None)
         return out
 
@@ -180,22 +184,25 @@ def _groups_of(w: Walker) -> ChannelGroups:
 
     for r in w.convs:
         r.out, r.inp = remap(r.out), remap(r.inp)
-    for u in w.upsamples:
+    for u in w.channel_ops:
         u.layout = remap(u.layout)
     layer_out = [remap(x) for x in w.layer_out]
 
     producers = {k: [] for k in range(len(roots))}
+    gammas = {k: [] for k in range(len(roots))}
     modules = {k: [] for k in range(len(roots))}
     layers = {k: [] for k in range(len(roots))}
     consumers = {k: {} for k in range(len(roots))}
     for r in w.convs:
-        if r.kind in ("conv", "dw", "grouped") and len(r.out) == 1:
+        if r.kind in ("conv", "tied", "dw", "grouped") and len(r.out) == 1:
             g = r.out[0]
-            producers[g] += [r.weight] + r.bn_keys
-            if r.kind != "dw":
+            producers[g] += [r.weight] + r.dim0_keys
+            if r.bn:
+                gammas[g].append(f"{r.bn}.weight")
+            if r.kind in ("conv", "grouped"):
                 modules[g].append(r.prefix)
                 layers[g].append(r.layer)
-        if r.kind in ("conv", "detect"):
+        if r.kind in ("conv", "tied", "detect"):
             off = 0
             for g in r.inp:
                 consumers[g].setdefault(r.weight, []).append(off)
@@ -212,10 +219,11 @@ def _groups_of(w: Walker) -> ChannelGroups:
         groups.append(Group(
             index=k, name=name, size=w.size[root], producers=tuple(producers[k]),
             consumers=tuple(Consumer(key, tuple(offs)) for key, offs in consumers[k].items()),
-            yaml_paths=tuple(w.paths[root]), modules=tuple(mods), layers=tuple(sorted(set(layers[k]))),
-            prunable=not reason, reason=reason,
+            yaml_paths=tuple(p for p, _ in w.paths[root]), modules=tuple(mods),
+            layers=tuple(sorted(set(layers[k]))), prunable=not reason, reason=reason,
+            bn_weights=tuple(gammas[k]), yaml_scales=tuple(f for _, f in w.paths[root]),
         ))
-    cg = ChannelGroups(cfg=w.normal, groups=groups, convs=w.convs, upsamples=w.upsamples,
+    cg = ChannelGroups(cfg=w.normal, groups=groups, convs=w.convs, channel_ops=w.channel_ops,
                        layer_out=layer_out, layer_types=[s.type for s in w.specs], nb=w.nb)
     cg.slices = cg.layouts()
     return cg

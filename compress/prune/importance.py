@@ -32,9 +32,8 @@ def bn_scores(cg, state_dict: dict) -> dict:
     out = {}
     for g in cg.prunable:
         s = torch.zeros(g.size, dtype=torch.float32)
-        for key in g.producers:
-            if key.endswith(".bn.weight"):
-                s += state_dict[key].detach().float().abs().cpu()
+        for key in g.bn_weights:
+            s += state_dict[key].detach().float().abs().cpu()
         out[g.name] = s
     return out
 

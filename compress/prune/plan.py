@@ -137,11 +137,12 @@ def apply_plan(cg, state_dict: dict, plan: dict):
         sd[key] = t
     cfg = copy.deepcopy(cg.cfg)
     for name, t in keep.items():
-        for path in by_name[name].yaml_paths:
+        g = by_name[name]
+        for path, scale in zip(g.yaml_paths, g.yaml_scales or (1,) * len(g.yaml_paths)):
             node = cfg
             for p in path[:-1]:
                 node = node[p]
-            node[path[-1]] = int(t.numel())
+            node[path[-1]] = int(t.numel()) * scale
     return cfg, sd
 
 
@@ -172,10 +173,12 @@ def apply_plan_to_model(model, plan: dict, groups=None) -> Model:
 
 @torch.no_grad()
 def mask_dropped_channels_(model, plan: dict, groups) -> None:
-    """Zero the BN gamma and beta of every channel a plan drops, in place (the model keeps its shape).
+    """Zero every channel a plan drops at the conv that creates it, in place (the model keeps its shape):
+    its BN gamma and beta, or (a conv without BN, e.g. a squeeze-excitation's squeeze) its weights and bias.
 
-    Dropped channels then carry zeros through every activation used here (SiLU(0) = ReLU(0) = 0), so
-    the masked model computes what the pruned model computes: the reference for exactness tests.
+    Dropped channels then carry zeros through every activation used here (SiLU, ReLU, ReLU6, Hardswish
+    of 0 are 0), so the masked model computes what the pruned model computes: the reference for
+    exactness tests.
     """
     keep = validate_plan(groups, plan)
     params = dict(model.named_parameters())
@@ -183,9 +186,18 @@ def mask_dropped_channels_(model, plan: dict, groups) -> None:
         g = groups.by_name[name]
         drop = torch.ones(g.size, dtype=torch.bool)
         drop[t] = False
-        for key in g.producers:
-            if ".bn." in key and key.endswith((".weight", ".bias")):
-                params[key][drop.to(params[key].device)] = 0
+        sizes = groups.sizes
+        for r in groups.convs:  # every conv whose output holds the group: zero its BN, or the conv itself
+            if r.kind in ("tied", "detect") or g.index not in r.out:
+                continue
+            keys = [f"{r.bn}.weight", f"{r.bn}.bias"] if r.bn else [r.weight] + ([r.bias] if r.bias else [])
+            off = 0
+            for x in r.out:
+                if x == g.index:
+                    rows = torch.nonzero(drop).flatten() + off
+                    for key in keys:
+                        params[key][rows.to(params[key].device)] = 0
+                off += sizes[x]
 
 
 def _group(by_name, name):

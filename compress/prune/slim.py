@@ -63,7 +63,7 @@ def sparsity_at(s: float, epoch: int, epochs: int, schedule: str = "constant", w
 
 def prunable_bn_keys(cg) -> list:
     """State_dict keys of the BN weights (gammas) of every prunable group's producers, in model order."""
-    return [k for g in cg.prunable for k in g.producers if k.endswith(".bn.weight")]
+    return [k for g in cg.prunable for k in g.bn_weights]
 
 
 def gamma_values(state_dict: dict, keys) -> torch.Tensor:
@@ -91,7 +91,7 @@ def channel_scores(cg, state_dict: dict) -> dict:
     sums = bn_scores(cg, state_dict)
     out = {}
     for g in cg.prunable:
-        n = sum(k.endswith(".bn.weight") for k in g.producers)
+        n = len(g.bn_weights)
         if n:
             out[g.name] = sums[g.name] / n
     return out

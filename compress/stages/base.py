@@ -82,10 +82,11 @@ class DataInfo:
 
         return cls(classes, SHAPES[:classes], {"train": train, "val": val}, source)
 
-    def need(self, split: str, batches: int, batch: int, flag: str) -> None:
-        """UserError unless ``split`` holds ``batches`` x ``batch`` images (what ``flag`` asks for)."""
+    def need(self, split: str, batches: int, batch: int, flag: str, given: bool = True) -> None:
+        """UserError unless ``split`` holds ``batches`` x ``batch`` images, when ``flag`` was asked for (a
+        default takes up to that many: all of a smaller split)."""
         have, want = self.sizes.get(split, 0), batches * batch
-        if have < want:
+        if given and have < want:
             raise UserError(f"{self.source}: {flag} {batches} x --batch {batch} = {want} {split} images asked, the "
                             f"{split} split has {have} (lower {flag} or --batch)")
 

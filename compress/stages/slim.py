@@ -27,7 +27,8 @@ class SlimOptions(PruneCommon, DataInput, DeviceOptions):
                               recipe=False)
     global_percent: float | None = option(None, PERCENT_HELP, required=True)
     batch: int = option(16, "batch size", flags=("--batch-size",))
-    bn_batches: int = option(20, "training batches for BatchNorm recalibration after the cut")
+    bn_batches: int = option(20, "training batches for BatchNorm recalibration after the cut (the default takes up "
+                                 "to 20: all of a smaller split)")
     eval_batches: int | str = option("all", "val batches to evaluate on before/after (a number, or 'all')")
     seed: int = option(0, "seed of the BN recalibration / eval batch choice")
 
@@ -68,9 +69,9 @@ def preflight(o: SlimOptions, model, info: DataInfo) -> None:
 
     info.check_model(model)
     channel_groups(model).exclude(o.exclude)
-    info.need("train", o.bn_batches, o.batch, "--bn-batches")
+    info.need("train", o.bn_batches, o.batch, "--bn-batches", "bn_batches" in o.given)
     if o.eval_batch_count() is not None:
-        info.need("val", o.eval_batch_count(), o.batch, "--eval-batches")
+        info.need("val", o.eval_batch_count(), o.batch, "--eval-batches", "eval_batches" in o.given)
 
 
 def run(o: SlimOptions, verbose: bool = True) -> Report:
