@@ -96,6 +96,10 @@ def test_non_text_yaml(tmp_path, capsys):
     (["prune", "--weights", "ART", "--ratio", "0.5", "--exclude", "", "--out", "OUT"], "an empty pattern"),
     (["slim", "--weights", "ART", "--data", "DATA", "--global-percent", "0.5", "--batch", "8", "--bn-batches", "100",
       "--out", "OUT"], "--bn-batches 100 x --batch 8 = 800 train images asked"),
+    (["eagleeye", "--weights", "ART", "--data", "DATA", "--remain-ratio", "0.6", "--batch", "8", "--bn-batches",
+      "100", "--out", "OUT"], "--bn-batches 100 x --batch 8 = 800 train images asked"),
+    (["eagleeye", "--weights", "ART", "--data", "DATA", "--remain-ratio", "0.6", "--delta", "0.000001",
+      "--out", "OUT"], "--delta"),
     (["train", "--weights", "ART", "--data", "DATA", "--hyp", "NAN", "--out", "OUT"], "lr0: expected a finite number"),
     (["train", "--weights", "ART", "--data", "DATA", "--hyp", "MOMENTUM", "--out", "OUT"], "momentum: 2.0 is out of range"),
     (["train", "--weights", "ART", "--data", "DATA", "--bogus", "1"], "compress train: error: unrecognized arguments"),
@@ -163,6 +167,7 @@ stages:
      "--bn-batches 50 x --batch 8"),
     ("", "weights: WRONGNC", "  - val: {}\n", "nc=4 but the model predicts 2 classes"),
     ("name: ../../escaped\n", "cfg: CFG", "  - train: {epochs: 1}\n", "name '../../escaped'"),
+    ("", "cfg: CFG", "  - train: {epochs: 1}\n  - eagleeye: {remain-ratio: 0.02}\n", "stage 2 (line 7): eagleeye: "),
 ])
 def test_check_catches_what_a_run_would_trip_on(tmp_path, synth_data, tiny_cfg_file, capsys, name, model, stages,
                                                 needle):

@@ -27,7 +27,7 @@ from ..options import DataInput, DeviceOptions, flag_name, option
 from ..prune.eagleeye import SAMPLERS, FlopsWindowSampler, check_window
 from ..prune.importance import l1_scores
 from ..prune.plan import build_pruned, plan_from_counts
-from .base import Report, output_dir
+from .base import DataInfo, Report, output_dir
 from .pruning import PruneCommon, load_prune_input, pruned_report, write_pruned
 
 CANDIDATES, SEARCH = "candidates.jsonl", "search.json"
@@ -199,6 +199,22 @@ def _dist_setup(device):
     return rank, world, device, created
 
 
+def _sampler(o: EagleEyeOptions, groups, imgsz) -> FlopsWindowSampler:
+    return FlopsWindowSampler(groups, imgsz, o.remain_ratio, o.delta, o.min_remain, o.max_remain, o.round_to,
+                              o.sampler)
+
+
+def preflight(o: EagleEyeOptions, model, info: DataInfo) -> None:
+    """Before anything is written: the model fits the dataset, the excludes match, the FLOPs window can be
+    drawn from (the sampler's probe), the splits hold the batches asked for."""
+    from ..prune import channel_groups
+
+    info.check_model(model)
+    _sampler(o, channel_groups(model).exclude(o.exclude), o.resolved_imgsz())
+    info.need("train", o.bn_batches, o.batch, "--bn-batches", "bn_batches" in o.given)
+    info.need("val", o.eval_batches, o.batch, "--eval-batches", "eval_batches" in o.given)
+
+
 def load_search_model(o: EagleEyeOptions):
     """Load what a search starts from: ``(prune input, data, sampler)``.
 
@@ -211,8 +227,10 @@ def load_search_model(o: EagleEyeOptions):
     o.validate()
     data = load_data_yaml(o.data)
     inp = load_prune_input(o, data, seed=o.seed)
-    sampler = FlopsWindowSampler(inp.groups, inp.imgsz, o.remain_ratio, o.delta, o.min_remain, o.max_remain,
-                                 o.round_to, o.sampler)
+    sampler = _sampler(o, inp.groups, inp.imgsz)
+    info = DataInfo.of(data)
+    info.need("train", o.bn_batches, o.batch, "--bn-batches", "bn_batches" in o.given)
+    info.need("val", o.eval_batches, o.batch, "--eval-batches", "eval_batches" in o.given)
     return inp, data, sampler
 
 
