@@ -269,18 +269,37 @@ def _resize_tensor(model, key, like):
     t.data = torch.empty(like.shape, dtype=t.dtype, device=t.device)
 
 
-def float_state_dict(prepared, float_model) -> dict:
-    """The float weights of a QAT-trained model, under the float model's (ultralytics) key names.
+def fused_bn_names(float_model, leaf_modules=()) -> dict:
+    """``{BatchNorm module name: conv module name}`` for every BN that MQBench's fusion folds into the conv
+    feeding it (a Conv2d call whose only user is the BN call in the traced graph), whatever the blocks
+    call them (``X.conv``/``X.bn`` in YOLOv5's Conv, ``X.conv.0``/``X.conv.1`` in a raw Sequential)."""
+    graph = _NamingTracer((Detect, *leaf_modules)).trace(float_model)
+    mods = dict(float_model.named_modules())
+    pairs = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and isinstance(mods.get(src.target), nn.Conv2d) and len(src.users) == 1):
+            pairs[node.target] = src.target
+    return pairs
 
-    Fusion turns ``X.conv`` + ``X.bn`` into one QAT ConvBn module at ``X.conv`` whose BatchNorm lives at
-    ``X.conv.bn``; every other parameter keeps its name. The result loads into the float model, so a QAT
-    run's output is an ordinary artifact that can be fine-tuned, pruned or exported again.
+
+def float_state_dict(prepared, float_model) -> dict:
+    """The float weights of a QAT-trained model, under the float model's key names.
+
+    Fusion turns a conv ``C`` + its BatchNorm ``B`` into one QAT ConvBn module at ``C`` whose BatchNorm
+    lives at ``C.bn`` (:func:`fused_bn_names` says which BN went where); every other parameter keeps its
+    name. The result loads into the float model, so a QAT run's output is an ordinary artifact that can
+    be fine-tuned, pruned or exported again.
     """
     psd = prepared.state_dict()
+    fused = fused_bn_names(copy.deepcopy(float_model).train())
     out = {}
     for k, v in float_model.state_dict().items():
-        alt = k.replace(".bn.", ".conv.bn.", 1) if ".bn." in k else None
-        src = psd.get(k) if k in psd else psd.get(alt) if alt else None
+        owner, attr = k.rsplit(".", 1)
+        src = psd.get(f"{fused[owner]}.bn.{attr}") if owner in fused else psd.get(k)
         if src is None or src.shape != v.shape:
             raise UserError(f"cannot map QAT tensor for '{k}' back to the float model")
         out[k] = src.detach().float().cpu().clone() if src.is_floating_point() else src.detach().cpu().clone()
