@@ -6,7 +6,8 @@ GhostNet (GhostConv, GhostBottleneck), ShuffleNetV2 (ShuffleNetV2_InvertedResidu
 activations follow the reference's modules, so its YAMLs build with its parameter counts and the state
 dicts of its checkpoints load one to one. Unlike the reference, every inner width a pruned model may
 change is a constructor argument (``se`` squeeze widths, ``hidden``/``expanded`` widths), defaulting to
-the reference's.
+the reference's, and so is every structure the reference derives from widths (``expand``, ``residual``:
+pruning may make an input and an output width equal, which must not add a residual).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class GhostBottleneck(nn.Module):
     optional SeBlock, a linear GhostConv to ``c2``; plus the input, or its depthwise + 1x1 projection when
     the width or the stride changes. ``k`` is ignored (the depthwise conv is 3x3), as in the reference."""
 
-    def __init__(self, c1, c2, midc, k=5, s=1, use_se=False, se=None):
+    def __init__(self, c1, c2, midc, k=5, s=1, use_se=False, se=None, residual=None):
         super().__init__()
         if s not in (1, 2):
             raise ValueError(f"GhostBottleneck stride must be 1 or 2, got {s}")
@@ -63,7 +64,7 @@ class GhostBottleneck(nn.Module):
             Conv(midc, midc, 3, s=2, p=1, g=midc, act=False) if s == 2 else nn.Identity(),
             SeBlock(midc, squeeze=se) if use_se else nn.Sequential(),
             GhostConv(midc, c2, 1, 1, act=False))
-        if c1 == c2 and s == 1:
+        if (c1 == c2 and s == 1) if residual is None else residual:
             self.shortcut = nn.Identity()
         else:
             self.shortcut = nn.Sequential(Conv(c1, c1, 3, s=s, p=1, g=c1, act=False), Conv(c1, c2, 1, 1, act=False))
@@ -127,12 +128,13 @@ class MobileNetV3_InvertedResidual(nn.Module):  # noqa: N801
     expansion (by default when inp == hidden_dim) the depthwise conv runs on the input. ``se``: the SE
     squeeze width; ``expand``: whether there is an expansion conv (default ``inp != hidden_dim``)."""
 
-    def __init__(self, inp, oup, hidden_dim, kernel_size, stride, use_se, use_hs, se=None, expand=None):
+    def __init__(self, inp, oup, hidden_dim, kernel_size, stride, use_se, use_hs, se=None, expand=None,
+                 residual=None):
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"MobileNetV3_InvertedResidual stride must be 1 or 2, got {stride}")
         expand = inp != hidden_dim if expand is None else expand
-        self.identity = stride == 1 and inp == oup
+        self.identity = (stride == 1 and inp == oup) if residual is None else residual
         act = nn.Hardswish if use_hs else nn.ReLU
         dw = nn.Conv2d(hidden_dim, hidden_dim, kernel_size, stride, (kernel_size - 1) // 2, groups=hidden_dim,
                        bias=False)
@@ -174,10 +176,11 @@ class MBConvBlock(nn.Module):
     """
 
     def __init__(self, inp, final_oup, k, s, expand_ratio, drop_connect_rate=0, has_se=False, expanded=None,
-                 se=None):
+                 se=None, residual=None):
         super().__init__()
         self.input_filters, self.output_filters, self.stride = inp, final_oup, s
         self.expand_ratio, self.has_se, self.drop_connect_rate = expand_ratio, bool(has_se), drop_connect_rate
+        self.residual = (s == 1 and inp == final_oup) if residual is None else residual
         oup = inp * expand_ratio if expanded is None else expanded
         if expand_ratio != 1:
             self._expand_conv = nn.Conv2d(inp, oup, 1, bias=False)
@@ -198,7 +201,7 @@ class MBConvBlock(nn.Module):
         if self.has_se:
             x = self.se(x)
         x = self._bn2(self._project_conv(x))
-        if self.stride == 1 and self.input_filters == self.output_filters:
+        if self.residual:
             x = x + identity
         return x
 

@@ -136,6 +136,7 @@ class BlockRule:
     repeats: str = "chain"
     pickled: tuple = ()
     pickled_renames: dict = {}  # state-dict key prefixes of the pickled class -> ours (same tensors)
+    pickled_parts: dict = {}  # pickled class -> the sub-modules every pickled instance of it holds
 
     # --------------------------------------------------------------------------------- parsing
     def parse(self, ctx: RowContext):
@@ -228,9 +229,15 @@ class BlockRule:
         return self.walk(w, spec.p, prefix, spec.i, lay, hw)
 
     # --------------------------------------------------------------------------------- checkpoints
-    def check_pickled(self, state: dict) -> str | None:
-        """What is wrong with a pickled module of this block (its state dict of stand-ins), as words that
-        follow "layer 'X' ", or None."""
+    def check_pickled(self, state: dict, qualname: str) -> str | None:
+        """What is wrong with a pickled module of class ``qualname`` (one of ``pickled``; ``state``: its state
+        dict of stand-ins), as words that follow "layer 'X' ", or None. Here: a missing ``pickled_parts``."""
+        kids = state.get("_modules", {})
+        missing = [k for k in self.pickled_parts.get(qualname, ()) if kids.get(k) is None]
+        if missing:
+            cls = qualname.rsplit(".", 1)[-1]
+            return (f"is a {cls} without its '{missing[0]}' sub-module (a damaged file, or another tool's {cls} "
+                    f"than the one compress implements)")
         return None
 
 
@@ -267,14 +274,14 @@ class ConvRule(BlockRule):
                        path=w.path(layer, 0))
         return (o,), hw
 
-    def check_pickled(self, state):
+    def check_pickled(self, state, qualname):
         kids = state.get("_modules", {})
         if "bn" not in kids:
             return "is a fused Conv (no BatchNorm); give an unfused checkpoint"
         act = kids.get("act")
-        if getattr(act, "qualname", None) not in SILU_CLASSES:
+        if getattr(act, "qualname", None) not in CONV_ACT_CLASSES:  # Identity: act=False (Ghost blocks' linear Convs)
             return (f"uses activation {getattr(act, 'qualname', type(act).__name__)}; compress's Conv is Conv2d + "
-                    f"BatchNorm2d + SiLU")
+                    f"BatchNorm2d + SiLU (or no activation)")
         return None
 
 
@@ -306,6 +313,7 @@ class ConvMaxpoolRule(BlockRule):
     module = B.Conv_maxpool
     # the reference tool's Conv_maxpool holds a raw Sequential(Conv2d, BatchNorm2d, ReLU)
     pickled = ("models.common.Conv_maxpool",)
+    pickled_parts = {"models.common.Conv_maxpool": ("conv", "maxpool")}
     pickled_renames = {"conv.0.": "conv.conv.", "conv.1.": "conv.bn."}
 
     def build(self, p):
@@ -631,6 +639,18 @@ def _se_width(p, extra, c, reduction=4):
     return int(extra.get("se", c // reduction)) if p.get("use_se") or p.get("has_se") else None
 
 
+def _residual(p, extra, stride) -> bool:
+    """Whether a block adds its input: written in the normal form, else (as the reference decides) stride 1
+    and input width == output width."""
+    return bool(extra.get("residual", stride == 1 and p["c1"] == p["c2"]))
+
+
+def _check_residual(p, stride, name):
+    if p["residual"] and not (stride == 1 and p["c1"] == p["c2"]):
+        raise UserError(f"{name} residual: true needs stride 1 and input width == output width "
+                        f"({p['c1']} -> {p['c2']}, stride {stride})")
+
+
 def _with_widths(p, rest, keys, extras=()):
     """The normal form: the args as written, then the explicit inner widths that are set."""
     d = {k: p[k] for k in keys if p.get(k) is not None}
@@ -653,6 +673,7 @@ class GhostConvRule(BlockRule):
     module = L.GhostConv
     fields = (("k", 1, kernel), ("s", 1, pos_int), ("g", 1, pos_int), ("act", True, flag))
     pickled = ("models.common.GhostConv",)
+    pickled_parts = {"models.common.GhostConv": ("primary_conv", "cheap_operation")}
 
     def check(self, p, ctx):
         if not even_width(p["c2"]):
@@ -677,23 +698,28 @@ class GhostBottleneckRule(BlockRule):
     module = L.GhostBottleneck
     fields = (("midc", None, even_width), ("k", 3, kernel), ("s", 1, stride_1_or_2), ("use_se", False, flag))
     widths = ("se",)
+    extras = ("residual",)
     pickled = ("models.common.GhostBottleneck", "models.common.SeBlock")
+    pickled_parts = {"models.common.GhostBottleneck": ("conv", "shortcut"),
+                     "models.common.SeBlock": ("Squeeze", "Excitation")}
 
     def inner_widths(self, p, extra):
-        return {"se": _se_width(p, extra, p["midc"])}
+        return {"se": _se_width(p, extra, p["midc"]), "residual": _residual(p, extra, p["s"])}
 
     def check(self, p, ctx):
         if not even_width(p["c2"]):
             raise UserError(f"GhostBottleneck output width {p['c2']} must be even (two halves)")
+        _check_residual(p, p["s"], "GhostBottleneck")
 
     def normal_args(self, p, rest):
-        return _with_widths(p, rest, ("se",))
+        return _with_widths(p, rest, ("se",), ("residual",))
 
     def stride(self, p):
         return p["s"]
 
     def build(self, p):
-        return L.GhostBottleneck(p["c1"], p["c2"], p["midc"], p["k"], p["s"], p["use_se"], se=p["se"])
+        return L.GhostBottleneck(p["c1"], p["c2"], p["midc"], p["k"], p["s"], p["use_se"], se=p["se"],
+                                 residual=p["residual"])
 
     def walk(self, w, p, prefix, layer, lay, hw_in):
         mid = _ghost(w, f"{prefix}.conv.0", layer, lay, p["midc"], hw_in, w.path(layer, 1))
@@ -701,7 +727,7 @@ class GhostBottleneckRule(BlockRule):
         if p["use_se"]:
             w.squeeze_excite(f"{prefix}.conv.2", layer, mid, hw, w.path(layer, -1, "se"), p["se"])
         out = _ghost(w, f"{prefix}.conv.3", layer, mid, p["c2"], hw, w.path(layer, 0))
-        if p["c1"] == p["c2"] and p["s"] == 1:
+        if p["residual"]:
             w.residual(lay, out, prefix)
         else:
             w.dw(f"{prefix}.shortcut.0", layer, lay, hw_in, 3, p["s"])
@@ -718,6 +744,7 @@ class ShuffleNetV2Rule(ShuffleBlockRule):
     module = L.ShuffleNetV2_InvertedResidual
     scaled = True
     pickled = ("models.common.ShuffleNetV2_InvertedResidual",)
+    pickled_parts = {"models.common.ShuffleNetV2_InvertedResidual": ("branch1", "branch2")}
 
     def check(self, p, ctx):
         super().check(p, ctx)
@@ -746,6 +773,7 @@ class ConvBnHswishRule(BlockRule):
     module = L.conv_bn_hswish
     fields = (("stride", None, stride_1_or_2),)
     pickled = ("models.common.conv_bn_hswish",)
+    pickled_parts = {"models.common.conv_bn_hswish": ("conv", "bn", "act")}
 
     def build(self, p):
         return L.conv_bn_hswish(p["c1"], p["c2"], p["stride"])
@@ -766,6 +794,7 @@ class StemRule(BlockRule):
     module = L.stem
     fields = (("act", "ReLU6", relu6_name),)
     pickled = ("models.common.stem",)
+    pickled_parts = {"models.common.stem": ("conv", "bn", "act")}
 
     def build(self, p):
         return L.stem(p["c1"], p["c2"], p["act"])
@@ -797,26 +826,29 @@ class MobileNetV3Rule(BlockRule):
     fields = (("hidden", None, pos_int), ("k", 3, odd_kernel), ("s", 1, stride_1_or_2), ("use_se", 0, flag),
               ("use_hs", 0, flag))
     widths = ("se",)
-    extras = ("expand",)
+    extras = ("expand", "residual")
     pickled = ("models.common.MobileNetV3_InvertedResidual",)
+    pickled_parts = {"models.common.MobileNetV3_InvertedResidual": ("conv",)}
 
     def inner_widths(self, p, extra):
-        return {"se": _se_width(p, extra, p["hidden"]), "expand": bool(extra.get("expand", p["c1"] != p["hidden"]))}
+        return {"se": _se_width(p, extra, p["hidden"]), "expand": bool(extra.get("expand", p["c1"] != p["hidden"])),
+                "residual": _residual(p, extra, p["s"])}
 
     def check(self, p, ctx):
         if not p["expand"] and p["c1"] != p["hidden"]:
             raise UserError(f"MobileNetV3_InvertedResidual without expansion needs hidden == input width "
                             f"({p['hidden']} != {p['c1']})")
+        _check_residual(p, p["s"], "MobileNetV3_InvertedResidual")
 
     def normal_args(self, p, rest):
-        return _with_widths(p, rest, ("se",), ("expand",))
+        return _with_widths(p, rest, ("se",), ("expand", "residual"))
 
     def stride(self, p):
         return p["s"]
 
     def build(self, p):
         return L.MobileNetV3_InvertedResidual(p["c1"], p["c2"], p["hidden"], p["k"], p["s"], p["use_se"],
-                                              p["use_hs"], se=p["se"], expand=p["expand"])
+                                              p["use_hs"], se=p["se"], expand=p["expand"], residual=p["residual"])
 
     def walk(self, w, p, prefix, layer, lay, hw):
         P = f"{prefix}.conv"
@@ -830,7 +862,7 @@ class MobileNetV3Rule(BlockRule):
         if p["use_se"]:
             w.squeeze_excite(f"{P}.{se}", layer, mid, hw, w.path(layer, -1, "se"), p["se"])
         o, _ = w.conv(f"{P}.{proj[0]}", layer, mid, p["c2"], hw, path=w.path(layer, 0), **_raw(P, *proj))
-        if p["s"] == 1 and p["c1"] == p["c2"]:
+        if p["residual"]:
             w.residual(lay, (o,), prefix)
         return (o,), hw
 
@@ -847,26 +879,29 @@ class MBConvRule(BlockRule):
     fields = (("k", 3, odd_kernel), ("s", 1, stride_1_or_2), ("expand_ratio", 1, pos_int),
               ("drop_connect_rate", 0, drop_rate), ("has_se", False, flag))
     widths = ("expanded", "se")
+    extras = ("residual",)
     pickled = ("models.common.MBConvBlock", "models.common.drop_connect")
+    pickled_parts = {"models.common.MBConvBlock": ("_depthwise_conv", "_bn1", "_project_conv", "_bn2", "_relu")}
 
     def inner_widths(self, p, extra):
         expanded = int(extra.get("expanded", p["c1"] * p["expand_ratio"]))
-        return {"expanded": expanded, "se": _se_width(p, extra, expanded)}
+        return {"expanded": expanded, "se": _se_width(p, extra, expanded), "residual": _residual(p, extra, p["s"])}
 
     def check(self, p, ctx):
         if p["expand_ratio"] == 1 and p["expanded"] != p["c1"]:
             raise UserError(f"MBConvBlock without expansion needs expanded == input width ({p['expanded']} != "
                             f"{p['c1']})")
+        _check_residual(p, p["s"], "MBConvBlock")
 
     def normal_args(self, p, rest):
-        return _with_widths(p, rest, ("expanded", "se"))
+        return _with_widths(p, rest, ("expanded", "se"), ("residual",))
 
     def stride(self, p):
         return p["s"]
 
     def build(self, p):
         return L.MBConvBlock(p["c1"], p["c2"], p["k"], p["s"], p["expand_ratio"], p["drop_connect_rate"],
-                             p["has_se"], expanded=p["expanded"], se=p["se"])
+                             p["has_se"], expanded=p["expanded"], se=p["se"], residual=p["residual"])
 
     def walk(self, w, p, prefix, layer, lay, hw):
         path = w.path(layer, -1, "expanded")
@@ -883,7 +918,7 @@ class MBConvRule(BlockRule):
             w.squeeze_excite(f"{prefix}.se", layer, mid, hw, w.path(layer, -1, "se"), p["se"])
         o, _ = w.conv(f"{prefix}._project_conv", layer, mid, p["c2"], hw, path=w.path(layer, 0),
                       **_raw(prefix, "_project_conv", "_bn2"))
-        if p["s"] == 1 and p["c1"] == p["c2"]:
+        if p["residual"]:
             w.residual(lay, (o,), prefix)
         return (o,), hw
 
@@ -897,6 +932,7 @@ class DepthSepConvRule(BlockRule):
     fields = (("dw_size", 3, odd_kernel), ("s", 1, stride_1_or_2), ("use_se", False, flag))
     widths = ("se",)
     pickled = ("models.common.DepthSepConv",)
+    pickled_parts = {"models.common.DepthSepConv": ("dw_sp",)}
 
     def inner_widths(self, p, extra):
         return {"se": _se_width(p, extra, p["c1"], 16)}
@@ -921,6 +957,7 @@ class DepthSepConvRule(BlockRule):
 
 UPSAMPLE_MODES = ("nearest", "bilinear", "bicubic")
 SILU_CLASSES = {"torch.nn.modules.activation.SiLU", "utils.activations.SiLU"}
+CONV_ACT_CLASSES = SILU_CLASSES | {"torch.nn.modules.linear.Identity"}
 
 RULES = (ConvRule(), FocusRule(), ConvMaxpoolRule(), BottleneckRule(), C3Rule(), SPPFRule(), SPPRule(),
          ShuffleBlockRule(), ConcatRule(), UpsampleRule(), DetectRule(),

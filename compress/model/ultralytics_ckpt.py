@@ -964,7 +964,7 @@ def _check_module(m, name, path):
     if qual not in _SUPPORTED:
         raise UserError(f"{path}: layer '{name}' is {qual}, which compress's YOLOv5 blocks do not implement")
     rule = BY_PICKLED.get(qual)
-    problem = rule.check_pickled(m.state) if rule is not None else None
+    problem = rule.check_pickled(m.state, qual) if rule is not None else None
     if problem:
         raise UserError(f"{path}: layer '{name}' {problem}")
 
