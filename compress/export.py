@@ -1,6 +1,8 @@
 """ONNX export with decoded outputs, an onnxruntime parity check, and onnxruntime CPU latency."""
 from __future__ import annotations
 
+import copy
+
 import statistics
 import time
 import warnings
@@ -63,22 +65,36 @@ def ort_session(path, threads: int | None = None):
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
-def onnx_parity(model, path, imgsz: int, batch: int = 1, seed: int = 0) -> float:
-    """Max abs difference between torch and onnxruntime decoded outputs on a random image batch.
+def parity_report(model, path, imgsz: int, batch: int = 1, seed: int = 0) -> dict:
+    """How far onnxruntime's decoded outputs are from torch's on a random image batch.
 
-    Box coordinates are compared in units of the image size (pixels / imgsz) and scores as they are,
-    so the tolerance means the same at 320 and at 1280 (float32 pixel values near 640 are only exact
-    to ~6e-5 px).
+    Box coordinates are compared in units of the image size (pixels / imgsz) and scores as they are, so
+    a tolerance means the same at 320 and at 1280. ``max_abs_diff``: onnxruntime vs torch in float32;
+    ``ort_vs_float64`` and ``torch_vs_float64``: each against torch in float64, the exact result that both
+    float32 runs approximate. The last is the float32 noise floor of this model: after an adaptive
+    BatchNorm recalibration on a few images a running variance can be tiny, the folded conv weights large,
+    and torch's own float32 result then differs from the exact one by more than 1e-4.
     """
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, imgsz, imgsz, generator=g)
+    m = model.float().cpu().eval()
     with torch.no_grad():
-        ref = model.float().cpu().eval()(x)[0].numpy()
+        ref = m(x)[0].numpy()
+        exact = copy.deepcopy(m).double()(x.double())[0].numpy()
     sess = ort_session(path)
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    scale = np.ones(ref.shape[-1], dtype=np.float32)
+    scale = np.ones(ref.shape[-1], dtype=np.float64)
     scale[:4] = imgsz
-    return float((np.abs(out - ref) / scale).max())
+
+    def dist(a, b):
+        return float((np.abs(a.astype(np.float64) - b) / scale).max())
+
+    return {"max_abs_diff": dist(out, ref), "ort_vs_float64": dist(out, exact), "torch_vs_float64": dist(ref, exact)}
+
+
+def onnx_parity(model, path, imgsz: int, batch: int = 1, seed: int = 0) -> float:
+    """Max abs difference between torch and onnxruntime decoded outputs (see :func:`parity_report`)."""
+    return parity_report(model, path, imgsz, batch, seed)["max_abs_diff"]
 
 
 def onnx_latency(path, imgsz: int, runs: int = 50, warmup: int = 5, threads: int | None = None) -> dict:
