@@ -19,8 +19,9 @@ Accuracy (--quality)::
   runs EagleEye at --remain-ratio (the ``compress eagleeye`` stage), fine-tunes the best candidate, then
   measures mAP@0.5:0.95 on the whole val split and, side by side, the latency at --imgsz of every base and
   pruned model. Prints mAP kept (pruned / base), the latency ratio (pruned / base) and each model's latency
-  and mAP next to CSP-YOLOv5s pruned the same way. Finished steps in --out are reused, so several processes
-  (``--families``, one thread each) can share the training and a last run without training prints the table.
+  and mAP next to CSP-YOLOv5s pruned the same way. Finished steps in --out are reused, so the training can
+  be split over processes (``--train-only --families ... [--no-baseline]``, OMP_NUM_THREADS=1 each) and a
+  last run over all families prints the table.
 """
 from __future__ import annotations
 
@@ -102,8 +103,10 @@ def quality(args) -> tuple[list, list]:
     if not data_yaml.is_file():
         make_synthetic_dataset(out / "data", n_train=args.synth_train, n_val=args.synth_val,
                                imgsz=args.train_imgsz, classes=args.synth_classes, seed=args.seed)
-    names = ["yolov5s"] + [f"{f}-yolov5s" for f in args.families]
+    names = ["yolov5s"] * args.baseline + [f"{f}-yolov5s" for f in args.families]
     runs = {n: prepare(args, n, data_yaml) for n in names}
+    if args.train_only:
+        raise SystemExit(f"trained {', '.join(names)}")
     if not all(finished_training(r) for pair in runs.values() for r in pair):
         raise SystemExit("some runs are not finished")
     data = load_data_yaml(data_yaml)
@@ -123,7 +126,8 @@ def quality(args) -> tuple[list, list]:
         rows.append([n, f"{maps[n, 'base']:.3f}", f"{maps[n, 'pruned']:.3f}",
                      f"{maps[n, 'pruned'] / max(maps[n, 'base'], 1e-9):.1%}", f"{p['gflops'] / b['gflops']:.2f}",
                      f"{b['median_ms']:.1f}", f"{p['median_ms']:.1f}", f"{p['median_ms'] / b['median_ms']:.2f}",
-                     f"{p['median_ms'] / csp['median_ms']:.2f}", f"{maps[n, 'pruned'] - maps['yolov5s', 'pruned']:+.3f}"])
+                     f"{p['median_ms'] / csp['median_ms']:.2f}",
+                     f"{maps[n, 'pruned'] - maps['yolov5s', 'pruned']:+.3f}"])
     headers = ["model", "base mAP", "pruned+ft mAP", "mAP kept", "FLOPs ratio", "base ms", "pruned ms",
                "latency ratio", "ms x yolov5s pruned", "mAP - yolov5s pruned"]
     return headers, rows
@@ -138,6 +142,9 @@ def main(argv=None):
     ap.add_argument("--nc", type=int, default=80, help="classes of the size/speed models")
     ap.add_argument("--quality", action="store_true", help="train, EagleEye, fine-tune and compare mAP")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads of the --quality latencies")
+    ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                    help="include CSP-YOLOv5s (needed for the table; --no-baseline to split the training)")
+    ap.add_argument("--train-only", action="store_true", help="with --quality: train what is missing, no table")
     ap.add_argument("--train-imgsz", type=int, default=160)
     ap.add_argument("--synth-train", type=int, default=300)
     ap.add_argument("--synth-val", type=int, default=100)
@@ -156,6 +163,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench/backbones")
     args = ap.parse_args(argv)
+    if args.quality and not (args.baseline or args.train_only):
+        ap.error("the --quality table compares with yolov5s: --no-baseline only with --train-only")
     t0 = time.time()
     headers, rows = quality(args) if args.quality else size_and_speed(args)
     kind = "quality" if args.quality else "speed"

@@ -7,7 +7,6 @@ project). Pruning checks run on the ``-yolov5s`` configs at 64 px with nc=3 to s
 """
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 
@@ -20,9 +19,10 @@ from compress.model.profile import profile
 from compress.model.yolo import Model, load_cfg, resolve_cfg_path
 from compress.prune import (
     apply_plan, apply_plan_to_model, build_pruned, channel_groups, keep_counts_for_ratio, l1_scores,
-    mask_dropped_channels_, plan_counts, plan_from_counts,
+    plan_counts, plan_from_counts,
 )
 
+from conftest import assert_pruned_equals_masked
 from test_prune_groups import _get
 from test_prune_plan import _model, random_plan
 
@@ -185,13 +185,7 @@ def test_pruned_equals_masked(fam):
         plan = random_plan(cg, seed)
         assert len(plan) == len(cg.prunable)  # every prunable group loses channels
         pruned = apply_plan_to_model(m, plan, cg)
-        masked = copy.deepcopy(m)
-        mask_dropped_channels_(masked, plan, cg)
-        with torch.no_grad():
-            (dec_p, raw_p), (dec_m, raw_m) = pruned(x), masked(x)
-        for a, b in zip(raw_p, raw_m):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-        torch.testing.assert_close(dec_p, dec_m, atol=1e-4, rtol=1e-5)  # decoded boxes are in pixels
+        raw_p = assert_pruned_equals_masked(m, pruned, plan, cg, x)
         assert _n_params(pruned) == cg.cost_model(64).params(plan_counts(cg, plan)) < _n_params(m)
         assert (full - raw_p[0]).abs().max() > 1e-3  # masking really matters
 
@@ -224,11 +218,7 @@ def test_pruned_widths_are_multiples_of_round_to(fam):
             assert all(psd[key].shape[0] == k for key in g.producers), name
             scales = g.yaml_scales or (1,) * len(g.yaml_paths)
             assert all(_get(new.cfg, p) == k * s for p, s in zip(g.yaml_paths, scales)), name
-        masked = copy.deepcopy(m)
-        mask_dropped_channels_(masked, plan, cg)
-        with torch.no_grad():
-            for a, b in zip(pruned(x)[1], masked(x)[1]):
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert_pruned_equals_masked(m, pruned, plan, cg, x)
 
 
 # ------------------------------------------------------------------------------------------------ torch-pruning

@@ -12,10 +12,10 @@ from compress.model.profile import profile
 from compress.model.yolo import Model
 from compress.prune import (
     apply_plan, apply_plan_to_model, bn_scores, channel_groups, keep_counts_for_ratio, l1_scores,
-    mask_dropped_channels_, plan_counts, plan_from_counts, round_keep, validate_plan,
+    plan_counts, plan_from_counts, round_keep, validate_plan,
 )
 
-from conftest import tiny_cfg
+from conftest import assert_pruned_equals_masked, tiny_cfg
 from test_prune_groups import CUSTOM
 
 CFGS = {"v5n": tiny_cfg("yolov5n"), "v5s": tiny_cfg("yolov5s", width=0.25),
@@ -56,13 +56,7 @@ def test_pruned_equals_masked(name):
             assert {"model.4.cv1", "model.6.cv3", "model.10", "model.9.cv1"} <= set(plan)
         pruned = apply_plan_to_model(m, plan, cg)
         assert not pruned.training
-        masked = copy.deepcopy(m)
-        mask_dropped_channels_(masked, plan, cg)
-        with torch.no_grad():
-            (dec_p, raw_p), (dec_m, raw_m) = pruned(x), masked(x)
-        for a, b in zip(raw_p, raw_m):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-        torch.testing.assert_close(dec_p, dec_m, atol=1e-4, rtol=1e-5)  # decoded boxes are in pixels
+        assert_pruned_equals_masked(m, pruned, plan, cg, x)
         # the pruned model is physically smaller, by the exact count from channel counts alone
         cm = cg.cost_model(64)
         assert sum(p.numel() for p in pruned.parameters()) == cm.params(plan_counts(cg, plan)) < cm.params()
