@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -18,13 +17,13 @@ import torch.nn as nn
 from compress.model.profile import profile
 from compress.model.yolo import Model, load_cfg, resolve_cfg_path
 from compress.prune import (
-    apply_plan, apply_plan_to_model, build_pruned, channel_groups, keep_counts_for_ratio, l1_scores,
+    apply_plan_to_model, build_pruned, channel_groups, keep_counts_for_ratio, l1_scores,
     plan_counts, plan_from_counts,
 )
 
 from conftest import assert_pruned_equals_masked
 from test_prune_groups import _get
-from test_prune_plan import _model, random_plan
+from test_prune_plan import _model, assert_random_plans_cost_equals_thop, random_plan
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 REFERENCE_YAMLS = FIXTURES / "reference-yamls"
@@ -158,17 +157,7 @@ def test_cost_model_equals_thop(fam):
     prof = profile(m, 96)  # full width at another size than test_shipped_config_header_matches_the_model's
     assert cg.cost_model(96).gflops() == pytest.approx(prof["gflops"], rel=1e-9)
     assert cg.cost_model(96).params() == prof["params"]
-    cm = cg.cost_model(64)
-    for seed in range(2):
-        plan = random_plan(cg, seed)
-        cfg, _ = apply_plan(cg, m.state_dict(), plan)
-        prof = profile(Model(cfg), 64, per_layer=True)
-        counts = plan_counts(cg, plan)
-        assert cm.gflops(counts) == pytest.approx(prof["gflops"], rel=1e-9)
-        assert cm.params(counts) == prof["params"]
-        per = cm.per_layer(counts)
-        np.testing.assert_allclose(per["gflops"], [r["gflops"] for r in prof["layers"]], rtol=1e-9, atol=1e-15)
-        assert per["params"].tolist() == [r["params"] for r in prof["layers"]]
+    assert_random_plans_cost_equals_thop(m, cg)
 
 
 # ------------------------------------------------------------------------------------------------ pruning

@@ -45,6 +45,22 @@ def random_plan(cg, seed):
     return plan
 
 
+def assert_random_plans_cost_equals_thop(m, cg, imgsz=64, seeds=2):
+    """For ``seeds`` random plans, the cost model's GFLOPs and params from channel counts (whole model and per
+    layer) equal thop's on the pruned model built from the plan's YAML."""
+    cm = cg.cost_model(imgsz)
+    for seed in range(seeds):
+        plan = random_plan(cg, seed)
+        cfg, _ = apply_plan(cg, m.state_dict(), plan)
+        prof = profile(Model(cfg), imgsz, per_layer=True)
+        counts = plan_counts(cg, plan)
+        assert cm.gflops(counts) == pytest.approx(prof["gflops"], rel=1e-9)
+        assert cm.params(counts) == prof["params"]
+        per = cm.per_layer(counts)
+        np.testing.assert_allclose(per["gflops"], [r["gflops"] for r in prof["layers"]], rtol=1e-9, atol=1e-15)
+        assert per["params"].tolist() == [r["params"] for r in prof["layers"]]
+
+
 @pytest.mark.parametrize("name", list(CFGS))
 def test_pruned_equals_masked(name):
     m = _model(CFGS[name])
@@ -93,18 +109,7 @@ def test_plan_flops_and_params_equal_thop(name):
         prof = profile(m, imgsz)
         assert cm.gflops() == pytest.approx(prof["gflops"], rel=1e-9)
         assert cm.params() == prof["params"]
-    cm = cg.cost_model(64)
-    for seed in range(2):
-        plan = random_plan(cg, seed)
-        cfg, sd = apply_plan(cg, m.state_dict(), plan)
-        pruned = Model(cfg)
-        prof = profile(pruned, 64, per_layer=True)
-        counts = plan_counts(cg, plan)
-        assert cm.gflops(counts) == pytest.approx(prof["gflops"], rel=1e-9)
-        assert cm.params(counts) == prof["params"]
-        per = cm.per_layer(counts)
-        np.testing.assert_allclose(per["gflops"], [r["gflops"] for r in prof["layers"]], rtol=1e-9, atol=1e-15)
-        assert per["params"].tolist() == [r["params"] for r in prof["layers"]]
+    assert_random_plans_cost_equals_thop(m, cg)
 
 
 def test_apply_is_index_selection_on_the_state_dict():

@@ -639,16 +639,16 @@ def _se_width(p, extra, c, reduction=4):
     return int(extra.get("se", c // reduction)) if p.get("use_se") or p.get("has_se") else None
 
 
-def _residual(p, extra, stride) -> bool:
+def _residual(p, extra) -> bool:
     """Whether a block adds its input: written in the normal form, else (as the reference decides) stride 1
     and input width == output width."""
-    return bool(extra.get("residual", stride == 1 and p["c1"] == p["c2"]))
+    return bool(extra.get("residual", p["s"] == 1 and p["c1"] == p["c2"]))
 
 
-def _check_residual(p, stride, name):
-    if p["residual"] and not (stride == 1 and p["c1"] == p["c2"]):
+def _check_residual(p, name):
+    if p["residual"] and not (p["s"] == 1 and p["c1"] == p["c2"]):
         raise UserError(f"{name} residual: true needs stride 1 and input width == output width "
-                        f"({p['c1']} -> {p['c2']}, stride {stride})")
+                        f"({p['c1']} -> {p['c2']}, stride {p['s']})")
 
 
 def _with_widths(p, rest, keys, extras=()):
@@ -704,12 +704,12 @@ class GhostBottleneckRule(BlockRule):
                      "models.common.SeBlock": ("Squeeze", "Excitation")}
 
     def inner_widths(self, p, extra):
-        return {"se": _se_width(p, extra, p["midc"]), "residual": _residual(p, extra, p["s"])}
+        return {"se": _se_width(p, extra, p["midc"]), "residual": _residual(p, extra)}
 
     def check(self, p, ctx):
         if not even_width(p["c2"]):
             raise UserError(f"GhostBottleneck output width {p['c2']} must be even (two halves)")
-        _check_residual(p, p["s"], "GhostBottleneck")
+        _check_residual(p, "GhostBottleneck")
 
     def normal_args(self, p, rest):
         return _with_widths(p, rest, ("se",), ("residual",))
@@ -832,13 +832,13 @@ class MobileNetV3Rule(BlockRule):
 
     def inner_widths(self, p, extra):
         return {"se": _se_width(p, extra, p["hidden"]), "expand": bool(extra.get("expand", p["c1"] != p["hidden"])),
-                "residual": _residual(p, extra, p["s"])}
+                "residual": _residual(p, extra)}
 
     def check(self, p, ctx):
         if not p["expand"] and p["c1"] != p["hidden"]:
             raise UserError(f"MobileNetV3_InvertedResidual without expansion needs hidden == input width "
                             f"({p['hidden']} != {p['c1']})")
-        _check_residual(p, p["s"], "MobileNetV3_InvertedResidual")
+        _check_residual(p, "MobileNetV3_InvertedResidual")
 
     def normal_args(self, p, rest):
         return _with_widths(p, rest, ("se",), ("expand", "residual"))
@@ -885,13 +885,13 @@ class MBConvRule(BlockRule):
 
     def inner_widths(self, p, extra):
         expanded = int(extra.get("expanded", p["c1"] * p["expand_ratio"]))
-        return {"expanded": expanded, "se": _se_width(p, extra, expanded), "residual": _residual(p, extra, p["s"])}
+        return {"expanded": expanded, "se": _se_width(p, extra, expanded), "residual": _residual(p, extra)}
 
     def check(self, p, ctx):
         if p["expand_ratio"] == 1 and p["expanded"] != p["c1"]:
             raise UserError(f"MBConvBlock without expansion needs expanded == input width ({p['expanded']} != "
                             f"{p['c1']})")
-        _check_residual(p, p["s"], "MBConvBlock")
+        _check_residual(p, "MBConvBlock")
 
     def normal_args(self, p, rest):
         return _with_widths(p, rest, ("expanded", "se"), ("residual",))

@@ -71,7 +71,8 @@ class _NamingTracer(pbp.CustomedTracer):
 
 
 def _trace_check(model, leaf_modules):
-    """Trace ``model`` as MQBench will; return the Detect node's name. UserError naming a failing module."""
+    """Trace ``model`` as MQBench will; return ``(Detect node's name, graph)``. UserError naming a failing
+    module."""
     tracer = _NamingTracer(leaf_modules)
     try:
         graph = tracer.trace(model)
@@ -87,7 +88,23 @@ def _trace_check(model, leaf_modules):
     names = [n.name for n in graph.nodes if n.op == "call_module" and n.target == det_path]
     if not names:
         raise UserError(f"{type(model).__name__}: Detect head '{det_path}' does not appear in the traced graph")
-    return names[0]
+    return names[0], graph
+
+
+def _fused_bn_names(graph, model) -> dict:
+    """``{BatchNorm module name: conv module name}`` for every BN that MQBench's fusion folds into the conv
+    feeding it (a Conv2d call whose only user is the BN call in the traced ``graph`` of ``model``), whatever
+    the blocks call them (``X.conv``/``X.bn`` in YOLOv5's Conv, ``X.conv.0``/``X.conv.1`` in a Sequential)."""
+    mods = dict(model.named_modules())
+    pairs = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and isinstance(mods.get(src.target), nn.Conv2d) and len(src.users) == 1):
+            pairs[node.target] = src.target
+    return pairs
 
 
 def prepare_qat(model: nn.Module, backend: str | Backend, leaf_modules=()) -> torch.fx.GraphModule:
@@ -96,8 +113,8 @@ def prepare_qat(model: nn.Module, backend: str | Backend, leaf_modules=()) -> to
     The Detect head (and any ``leaf_modules`` types) stays a leaf of the traced graph: its 1x1 convs still
     get fake-quantized weights and its inputs fake-quantized activations, and it keeps its train/eval
     behaviour. Conv+BN pairs become QAT ConvBn modules. Returns the prepared model in train mode, with
-    ``names``, ``nc``, ``yaml``, ``stride`` and ``qat_backend`` (the backend's name) attributes. ``model`` is
-    not modified.
+    ``names``, ``nc``, ``yaml``, ``stride``, ``qat_backend`` (the backend's name) and ``fused_bn`` (which
+    BatchNorm was folded into which conv) attributes. ``model`` is not modified.
     """
     backend = resolve_backend(backend)
     if any(isinstance(m, torch.ao.quantization.FakeQuantizeBase) for m in model.modules()):
@@ -106,7 +123,8 @@ def prepare_qat(model: nn.Module, backend: str | Backend, leaf_modules=()) -> to
     mqbench_compat.apply()
     float_model = copy.deepcopy(model).train()  # MQBench swaps modules in place
     leaves = (Detect, *leaf_modules)
-    det_node = _trace_check(float_model, leaves)
+    det_node, graph = _trace_check(float_model, leaves)
+    fused_bn = _fused_bn_names(graph, float_model)
     # The Detect node is named (not given by type) so that backends quantizing layer *outputs* only
     # quantize its inputs: its output is a tuple/list, not a tensor.
     config = {
@@ -126,6 +144,7 @@ def prepare_qat(model: nn.Module, backend: str | Backend, leaf_modules=()) -> to
         if hasattr(model, attr):
             setattr(prepared, attr, copy.deepcopy(getattr(model, attr)))
     prepared.qat_backend = backend.name
+    prepared.fused_bn = fused_bn
     return prepared.to(_device(model)).train()
 
 
@@ -269,33 +288,16 @@ def _resize_tensor(model, key, like):
     t.data = torch.empty(like.shape, dtype=t.dtype, device=t.device)
 
 
-def fused_bn_names(float_model, leaf_modules=()) -> dict:
-    """``{BatchNorm module name: conv module name}`` for every BN that MQBench's fusion folds into the conv
-    feeding it (a Conv2d call whose only user is the BN call in the traced graph), whatever the blocks
-    call them (``X.conv``/``X.bn`` in YOLOv5's Conv, ``X.conv.0``/``X.conv.1`` in a raw Sequential)."""
-    graph = _NamingTracer((Detect, *leaf_modules)).trace(float_model)
-    mods = dict(float_model.named_modules())
-    pairs = {}
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
-            continue
-        src = node.args[0] if node.args else None
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and isinstance(mods.get(src.target), nn.Conv2d) and len(src.users) == 1):
-            pairs[node.target] = src.target
-    return pairs
-
-
 def float_state_dict(prepared, float_model) -> dict:
     """The float weights of a QAT-trained model, under the float model's key names.
 
     Fusion turns a conv ``C`` + its BatchNorm ``B`` into one QAT ConvBn module at ``C`` whose BatchNorm
-    lives at ``C.bn`` (:func:`fused_bn_names` says which BN went where); every other parameter keeps its
-    name. The result loads into the float model, so a QAT run's output is an ordinary artifact that can
-    be fine-tuned, pruned or exported again.
+    lives at ``C.bn`` (``prepared.fused_bn``, found by :func:`prepare_qat`, says which BN went where);
+    every other parameter keeps its name. The result loads into the float model, so a QAT run's output is
+    an ordinary artifact that can be fine-tuned, pruned or exported again.
     """
     psd = prepared.state_dict()
-    fused = fused_bn_names(copy.deepcopy(float_model).train())
+    fused = prepared.fused_bn
     out = {}
     for k, v in float_model.state_dict().items():
         owner, attr = k.rsplit(".", 1)

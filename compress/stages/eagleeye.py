@@ -204,6 +204,11 @@ def _sampler(o: EagleEyeOptions, groups, imgsz) -> FlopsWindowSampler:
                               o.sampler)
 
 
+def _check_batches(o: EagleEyeOptions, info: DataInfo) -> None:
+    info.need("train", o.bn_batches, o.batch, "--bn-batches", "bn_batches" in o.given)
+    info.need("val", o.eval_batches, o.batch, "--eval-batches", "eval_batches" in o.given)
+
+
 def preflight(o: EagleEyeOptions, model, info: DataInfo) -> None:
     """Before anything is written: the model fits the dataset, the excludes match, the FLOPs window can be
     drawn from (the sampler's probe), the splits hold the batches asked for."""
@@ -211,8 +216,7 @@ def preflight(o: EagleEyeOptions, model, info: DataInfo) -> None:
 
     info.check_model(model)
     _sampler(o, channel_groups(model).exclude(o.exclude), o.resolved_imgsz())
-    info.need("train", o.bn_batches, o.batch, "--bn-batches", "bn_batches" in o.given)
-    info.need("val", o.eval_batches, o.batch, "--eval-batches", "eval_batches" in o.given)
+    _check_batches(o, info)
 
 
 def load_search_model(o: EagleEyeOptions):
@@ -228,9 +232,7 @@ def load_search_model(o: EagleEyeOptions):
     data = load_data_yaml(o.data)
     inp = load_prune_input(o, data, seed=o.seed)
     sampler = _sampler(o, inp.groups, inp.imgsz)
-    info = DataInfo.of(data)
-    info.need("train", o.bn_batches, o.batch, "--bn-batches", "bn_batches" in o.given)
-    info.need("val", o.eval_batches, o.batch, "--eval-batches", "eval_batches" in o.given)
+    _check_batches(o, DataInfo.of(data))
     return inp, data, sampler
 
 
