@@ -49,6 +49,8 @@ class Callback:
 
     - train another model than the float one (:meth:`train_model`, e.g. QAT's fake-quantized twin),
       and turn the EMA off (``uses_ema = False``);
+    - add a loss term on each batch (:meth:`loss`, e.g. distillation) and train modules of its own
+      alongside the model (:meth:`aux_modules`, e.g. distillation adapters);
     - add a gradient term (:meth:`on_before_step`), log per epoch (:meth:`on_epoch_end`) and extend the
       final report (:meth:`on_train_end`);
     - decide what an artifact holds (:meth:`artifact`): its weights and extra tensor files.
@@ -63,8 +65,20 @@ class Callback:
         """The model to train instead of ``model`` (default: ``model`` itself)."""
         return model
 
+    def aux_modules(self, trainer) -> dict:
+        """``{name: module}`` trained alongside the model (after :meth:`train_model`): they join the optimizer,
+        the gradient clipping, DDP's gradient averaging and the train state (``--resume`` restores them), but
+        never an artifact. Run them through ``trainer.aux_run[name]`` (the DDP-wrapped one under torchrun)."""
+        return {}
+
     def on_train_start(self, trainer):
         """After the optimizer, loaders and EMA exist."""
+
+    def loss(self, trainer, imgs, preds):
+        """An extra loss term on this batch: ``(term, {name: value})`` or None. ``imgs`` is the batch the model
+        saw (0..1), ``preds`` its train-mode output; ``term`` is scaled like the detection loss (x batch
+        size); each named value is averaged over the epoch into results.csv and shown in the progress bar."""
+        return None
 
     def on_before_step(self, trainer):
         """After backward (gradients unscaled and clipped) and before each optimizer step."""

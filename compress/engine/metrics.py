@@ -112,8 +112,8 @@ def bbox_iou(box1, box2, xywh: bool = True, CIoU: bool = False, GIoU: bool = Fal
     if DIoU and not CIoU:
         return iou - rho2 / c2
     v = (4 / math.pi ** 2) * (torch.atan(w2 / h2) - torch.atan(w1 / h1)) ** 2
-    with torch.no_grad():
-        alpha = v / (v - iou + (1 + eps))
+    with torch.no_grad():  # clamped: rounding can put the IoU of two equal boxes a hair above 1 (0 / 0)
+        alpha = v / (v - iou + (1 + eps)).clamp(min=eps)
     return iou - (rho2 / c2 + v * alpha)
 
 

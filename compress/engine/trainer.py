@@ -158,10 +158,15 @@ class Trainer:
             cb.on_prepare(self)
         for cb in self.callbacks:
             self.model = cb.train_model(self, self.model)
+        self.aux = nn.ModuleDict()
+        for cb in self.callbacks:
+            self.aux.update(cb.aux_modules(self) or {})
+        self.aux.to(self.device)
+        self.aux_run = dict(self.aux.items())
 
         self.accumulate = max(round(o.nbs / (o.batch * self.world)), 1)
         wd = hyp["weight_decay"] * o.batch * self.world * self.accumulate / o.nbs
-        self.optimizer = make_optimizer(o.optimizer, param_groups(self.model, wd), hyp)
+        self.optimizer = make_optimizer(o.optimizer, param_groups(nn.ModuleList([self.model, self.aux]), wd), hyp)
         lrf = hyp["lrf"]
         if o.cos_lr:
             self.lf = lambda x: ((1 - math.cos(x * math.pi / o.epochs)) / 2) * (lrf - 1) + 1
@@ -181,8 +186,10 @@ class Trainer:
         if resume_state is not None:
             self._load_state(resume_state)
         if self.world > 1:
-            self.model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+            ids = [self.local_rank] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.aux_run = {k: nn.parallel.DistributedDataParallel(m, device_ids=ids) if any(
+                p.requires_grad for p in m.parameters()) else m for k, m in self.aux.items()}
         for cb in self.callbacks:
             cb.on_train_start(self)
 
@@ -206,7 +213,7 @@ class Trainer:
                 self.train_loader.sampler.set_epoch(epoch)
             if hasattr(self.train_set, "set_epoch"):
                 self.train_set.set_epoch(epoch)
-            mloss = torch.zeros(3)
+            mloss, mextra = torch.zeros(3), {}
             pbar = tqdm(enumerate(self.train_loader), total=nb, disable=not (self.main and o.progress),
                         dynamic_ncols=True, desc=f"{epoch + 1}/{o.epochs}")
             self.optimizer.zero_grad()
@@ -218,18 +225,26 @@ class Trainer:
                 with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
                     pred = self.model(imgs)
                     loss, items = self.loss_fn(pred, targets.to(self.device))
+                    extra = {}
+                    for cb in self.callbacks:
+                        term = cb.loss(self, imgs, pred)
+                        if term is not None:
+                            loss = loss + term[0]
+                            extra.update(term[1])
                     if self.world > 1:
                         loss = loss * self.world
                 if not torch.isfinite(loss):
                     raise UserError(
-                        f"loss became non-finite at epoch {epoch + 1}, batch {i} (items {items.tolist()}); "
+                        f"loss became non-finite at epoch {epoch + 1}, batch {i} (items {items.tolist()}"
+                        f"{''.join(f', {k} {v:.4g}' for k, v in extra.items())}); "
                         f"the last good checkpoint is in {self.out / 'last'}; try a lower lr0 in --hyp")
                 self.scaler.scale(loss).backward()
                 if ni - last_opt_step >= self.accumulate_cur or i == nb - 1:
                     self.scaler.unscale_(self.optimizer)
                     # clip first, so that a callback's own gradient term (e.g. the sparsity L1) is not
                     # scaled down with the loss gradients
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
+                    torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *self.aux.parameters()],
+                                                   max_norm=10.0)
                     for cb in self.callbacks:
                         cb.on_before_step(self)
                     self.scaler.step(self.optimizer)
@@ -239,13 +254,16 @@ class Trainer:
                         self.ema.update(self.model)
                     last_opt_step = ni
                 mloss = (mloss * i + items.detach().cpu()) / (i + 1)
+                for k, v in extra.items():
+                    mextra[k] = (mextra.get(k, 0.0) * i + float(v)) / (i + 1)
                 pbar.set_postfix(box=f"{mloss[0]:.4f}", obj=f"{mloss[1]:.4f}", cls=f"{mloss[2]:.4f}",
+                                 **{k: f"{v:.4f}" for k, v in mextra.items()},
                                  inst=int(targets.shape[0]), size=imgs.shape[-1])
             pbar.close()
             self.scheduler.step()
             stop = False
             if self.main:
-                self._end_epoch(epoch, mloss)
+                self._end_epoch(epoch, mloss, mextra)
                 stop = bool(o.patience and epoch - self.best_epoch >= o.patience)
                 if stop:
                     print(f"stopping early: no improvement in {o.patience} epochs (best epoch {self.best_epoch + 1})")
@@ -298,12 +316,12 @@ class Trainer:
         model.train(was_training)
         return res
 
-    def _end_epoch(self, epoch, mloss):
+    def _end_epoch(self, epoch, mloss, mextra=None):
         o = self.opts
         final = epoch + 1 == o.epochs
         res = self.validate() if (final or (epoch + 1) % o.val_interval == 0) else None
         record = {"epoch": epoch + 1, "box_loss": float(mloss[0]), "obj_loss": float(mloss[1]),
-                  "cls_loss": float(mloss[2])}
+                  "cls_loss": float(mloss[2]), **(mextra or {})}
         if res is not None:
             record.update(precision=res["precision"], recall=res["recall"], map50=res["map50"], map=res["map"])
         record.update({f"lr{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)})
@@ -323,7 +341,7 @@ class Trainer:
     def _report(self, metrics, epoch) -> Report:
         o = self.opts
         rep = Report(stage="train", imgsz=o.imgsz, gflops=profile(self.float_model, o.imgsz)["gflops"],
-                     parent=str(o.weights) if o.weights else None,
+                     parent=str(Path(o.weights).absolute()) if o.weights else None,
                      options={k: v for k, v in o.to_dict().items() if k not in ("extra", "progress")} | o.extra,
                      details={"epoch": epoch + 1, "epochs": o.epochs,
                               "cfg": o.cfg if not isinstance(o.cfg, dict) else o.cfg.get("yaml_file")})
@@ -368,6 +386,8 @@ class Trainer:
         if self.ema:
             st["ema"] = {k: v.detach().cpu() for k, v in self.ema.ema.state_dict().items()}
             st["ema_updates"] = self.ema.updates
+        if len(self.aux):
+            st["aux"] = {k: v.detach().cpu() for k, v in self.aux.state_dict().items()}
         return st
 
     def _load_state(self, st):
@@ -377,6 +397,11 @@ class Trainer:
         if self.ema and "ema" in st:
             self.ema.ema.load_state_dict(st["ema"])
             self.ema.updates = st["ema_updates"]
+        if len(self.aux):
+            if "aux" not in st:
+                raise UserError(f"{self.out}: its train state holds no {', '.join(self.aux)} weights to resume "
+                                f"(the run was started without them)")
+            self.aux.load_state_dict(st["aux"])
         self.start_epoch = st["epoch"] + 1
         self.best_fitness, self.best_epoch = st["best_fitness"], st["best_epoch"]
         self.history = list(st["history"])

@@ -51,10 +51,11 @@ def load_input_model(o, data: dict | None = None, seed: int = 0, need_weights: s
 
 
 def source_name(o) -> str:
-    """How a report names the model a stage started from."""
+    """How a report names the model a stage started from: the absolute ``--weights`` path (so that a report's
+    lineage can be followed from any working directory), else the model YAML."""
     w = getattr(o, "weights", None)
     if w:
-        return str(w)
+        return str(Path(w).absolute())
     cfg = getattr(o, "cfg", None)
     return cfg.get("yaml_file", "<cfg>") if isinstance(cfg, dict) else str(cfg)
 
