@@ -25,6 +25,7 @@ from .errors import UserError
 from .fileio import unfinished_stage, write_json, write_text
 from .report import METRICS, Report
 from .stages import STAGES, StageSpec
+from .stages.distill import PARENT, PRUNING_STAGES
 
 TOP_KEYS = {"name", "description", "data", "model", "imgsz", "stages"}
 SYNTH_KEYS = {"train", "val", "imgsz", "classes", "seed"}
@@ -132,7 +133,7 @@ def load_recipe(path, smoke: bool = False):
     if not isinstance(r["stages"], list) or not r["stages"]:
         raise UserError(f"{path}: 'stages' must be a non-empty list")
     lines, stages = _lines(text), []
-    has_weights = "weights" in m
+    has_weights, pruned = "weights" in m, False
     for i, entry in enumerate(r["stages"]):
         where = f"{path}: stage {i + 1}" + (f" (line {lines[i]})" if i in lines else "")
         if isinstance(entry, str):
@@ -154,6 +155,9 @@ def load_recipe(path, smoke: bool = False):
             st.options.update({k: v for k, v in SMOKE.items() if k in st.fields})
         if spec.needs_weights and not has_weights:
             raise UserError(f"{where}: {name} has no trained model to start from: {spec.needs_weights}")
+        if opts.get("teacher") == PARENT and not (pruned or "weights" in m):
+            raise UserError(f"{where}: {name}: teacher: parent is the model an earlier prune, slim or eagleeye "
+                            f"stage pruned from, and no stage before this one prunes (name a teacher model)")
         o = st.build("DATA.yaml", {"weights": "PREVIOUS"} if has_weights else {"cfg": m.get("cfg")},
                      SMOKE_IMGSZ if smoke else imgsz, None)
         try:
@@ -161,6 +165,7 @@ def load_recipe(path, smoke: bool = False):
         except UserError as e:
             raise UserError(f"{where}: {name}: {e}") from None
         has_weights = has_weights or spec.produces_model
+        pruned = pruned or name in PRUNING_STAGES
         stages.append(st)
     return r, stages
 
@@ -204,7 +209,7 @@ def check_recipe(path, smoke: bool = False, from_stage: int | None = None):
         except UserError as e:
             raise UserError(f"{st.where}: {st.name}: {e}") from None
         current = {"weights": "PREVIOUS"} if st.spec.produces_model else current
-        known = known and st.spec.name not in ("prune", "slim", "eagleeye")
+        known = known and st.spec.name not in PRUNING_STAGES
     return r, stages
 
 

@@ -97,6 +97,12 @@ CHECK_BASE = "data:\n  synthetic: {{train: 8, val: 4{syn}}}\nmodel:\n  {model}\n
      "stage 1 (line 7): qat has no trained model to start from"),
     ("", "cfg: yolov5n", 64, "  - train: {epochs: 1, optimizer: Lion}\n",
      "train: --optimizer Lion: choose one of SGD"),
+    ("", "cfg: yolov5n", 64, "  - train: {epochs: 1}\n  - finetune: {epochs: 1, teacher: parent}\n",
+     "stage 2 (line 8): finetune: teacher: parent is the model an earlier prune, slim or eagleeye stage"),
+    ("", "cfg: yolov5n", 64, "  - train: {epochs: 1}\n  - prune: {ratio: 0.3}\n  - finetune: {distill-weight: 2}\n",
+     "stage 3 (line 9): finetune: --distill-weight only applies to distillation"),
+    ("", "cfg: yolov5n", 64, "  - train: {epochs: 1}\n  - prune: {ratio: 0.3}\n  - finetune: {teacher: nowhere}\n",
+     "stage 3 (line 9): finetune: --teacher nowhere: no such artifact"),
     ("", "weights: UNREADABLE", 64, "  - val: {}\n", "r.yaml: model: "),
     ("", "weights: UNREADABLE", 64, "  - val: {}\n", "garbage.pt: not a readable"),
 ])

@@ -19,13 +19,16 @@ from ..options import option
 from ..quant.backends import BACKENDS, resolve_backend
 from ..log import note
 from .base import DataInfo, Report, load_input_model, output_dir
+from .distill import DistillOptions
+from .distill import preflight as distill_preflight
 
 QAT_STATE = "qat_state.pt"
 
 
 @dataclass(kw_only=True)
-class QATOptions(TrainOptions):
-    """What ``compress qat`` takes: the training flags plus the backend and calibration."""
+class QATOptions(DistillOptions, TrainOptions):
+    """What ``compress qat`` takes: the training flags plus the backend, calibration and distillation (the
+    teacher runs in float)."""
 
     cfg: str | dict | None = option(None, cli=False)
     epochs: int = option(5, "QAT fine-tuning epochs")
@@ -95,6 +98,7 @@ def preflight(o: QATOptions, model, info: DataInfo) -> None:
     """The model fits the dataset and the training split holds the calibration batches."""
     info.check_model(model)
     info.need("train", o.calib_batches, o.batch, "--calib-batches")
+    distill_preflight(o, model)
 
 
 def run(o: QATOptions) -> Report:
@@ -124,15 +128,17 @@ def run(o: QATOptions) -> Report:
     if (src if src.is_dir() else src.parent).joinpath(QAT_STATE).is_file():
         note(f"{o.weights} is a QAT run: QAT starts again from its float weights (its {QAT_STATE} ranges are "
              f"not reused)")
+    distill = o.distill_callbacks()
     out = output_dir(o, "qat")
     # fine-tuning a trained model: a small constant-ish LR and no warmup (warmup's bias LR of 0.1 would
     # throw the calibrated ranges off)
-    o = o.replace(out=str(out), imgsz=o.resolved_imgsz(), hyp={**load_hyp(o.hyp), "lr0": o.lr, "warmup_epochs": 0.0})
+    o = o.replace(out=str(out), imgsz=o.resolved_imgsz(), hyp={**load_hyp(o.hyp), "lr0": o.lr, "warmup_epochs": 0.0},
+                  extra={k: v for cb in distill for k, v in cb.options().items()})
     with unfinished_run(out, "qat"):
         calib = load_batches(data["train"], o.imgsz, o.batch, o.calib_batches, data["nc"], seed=o.seed,
                              workers=o.workers, prefix="calib: ")
         cb = QATCallback(backend, calib)
-        trainer = Trainer(o, [cb], model=model, data=data)
+        trainer = Trainer(o, [cb, *distill], model=model, data=data)
         report = trainer.fit()
         # the model every file describes: the best epoch's, as weights.pt holds it
         load_qat_state(cb.prepared, out / QAT_STATE)

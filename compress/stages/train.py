@@ -17,18 +17,23 @@ from ..log import note
 from ..options import flag_name, option
 from ..prune.slim import SCHEDULES
 from .base import DataInfo, Report, load_input_model, output_dir
+from .distill import DistillCallback, DistillOptions
+from .distill import preflight as distill_preflight
 
 SPARSITY = "sparsity training (Network Slimming; then `compress slim`)"
 # Options --resume may change: they affect where and how fast the run goes, not what it computes.
 RESUME_SAFE = ("device", "workers")
 # Sparsity flags -> their keys in TrainOptions.extra (opt.yaml).
 _EXTRA_KEYS = {"sparsity": "sparsity", "sparsity_schedule": "sparsity_schedule",
-               "sparsity_warmup_epochs": "sparsity_warmup_epochs", "exclude": "sparsity_exclude"}
+               "sparsity_warmup_epochs": "sparsity_warmup_epochs", "exclude": "sparsity_exclude",
+               "teacher": "teacher", "distill": "distill", "distill_weight": "distill_weight",
+               "distill_temperature": "distill_temperature"}
 
 
 @dataclass(kw_only=True)
-class TrainStageOptions(TrainOptions):
-    """What ``compress train`` takes: the training loop's flags, sparsity training and ``--resume``."""
+class TrainStageOptions(DistillOptions, TrainOptions):
+    """What ``compress train`` takes: the training loop's flags, sparsity training, distillation and
+    ``--resume``."""
 
     sparsity: float | None = option(None, "add S * sign(gamma) to the gradient of every prunable BatchNorm gamma "
                                           "(L1 penalty), e.g. 1e-3; logs the share of gammas below 1e-2/1e-3 and "
@@ -68,8 +73,8 @@ def callbacks_from_extra(extra: dict) -> list:
     """Callbacks recorded in ``TrainOptions.extra`` (opt.yaml), so ``--resume`` restores them."""
     from .sparsity import SparsityCallback
 
-    cb = SparsityCallback.from_options(extra or {})
-    return [cb] if cb else []
+    return [cb for cb in (SparsityCallback.from_options(extra or {}), DistillCallback.from_options(extra or {}))
+            if cb]
 
 
 def preflight(o: TrainStageOptions, model, info: DataInfo) -> None:
@@ -80,6 +85,7 @@ def preflight(o: TrainStageOptions, model, info: DataInfo) -> None:
         from ..prune import channel_groups
 
         channel_groups(model).exclude(o.exclude)
+    distill_preflight(o, model)
 
 
 def run(o: TrainStageOptions) -> Report:
@@ -93,7 +99,7 @@ def run(o: TrainStageOptions) -> Report:
     o.validate()
     if not o.data:
         raise UserError("--data DATA.yaml is required")
-    callbacks = o.sparsity_callbacks()
+    callbacks = o.sparsity_callbacks() + o.distill_callbacks()
     data = load_data_yaml(o.data)
     model = load_input_model(o, data, seed=o.seed)
     preflight(o, model, DataInfo.of(data))
@@ -144,7 +150,7 @@ def _resume(o: TrainStageOptions) -> Report:
 
 
 def _same(name, new, old) -> bool:
-    if name in ("data", "weights", "cfg", "hyp") and isinstance(new, str) and isinstance(old, str):
+    if name in ("data", "weights", "cfg", "hyp", "teacher") and isinstance(new, str) and isinstance(old, str):
         return Path(new).absolute() == Path(old).absolute() or new == old
     if name == "exclude":
         return list(new or []) == list(old or [])
