@@ -164,7 +164,7 @@ def finetune_args(lineage, synth_data, out, *extra):
 
 def test_cli_finetune_with_parent_teacher(lineage, synth_data, tmp_path):
     out = tmp_path / "ft"
-    p = cli(*finetune_args(lineage, synth_data, out, "--teacher", "parent", "--distill-weight", 2))
+    p = cli(*finetune_args(lineage, synth_data, out, "--teacher", "parent", "--distill", "both", "--distill-weight", 2))
     assert p.returncode == 0, p.stderr
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     for k in ("box_loss", "distill_obj", "distill_cls", "distill_box", "distill_feat"):
@@ -237,7 +237,8 @@ def test_resume_restores_adapters_exactly(lineage, synth_data, tmp_path):
 def test_two_process_gloo_ddp_with_teacher(lineage, synth_data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-            "-m", "compress.cli", *finetune_args(lineage, synth_data, tmp_path / "ddp", "--teacher", "parent")]
+            "-m", "compress.cli", *finetune_args(lineage, synth_data, tmp_path / "ddp", "--teacher", "parent",
+                                                 "--distill", "both")]
     args[args.index("--batch") + 1] = 4
     p = subprocess.run(list(map(str, args)), capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -257,7 +258,7 @@ stages:
   - prune: {{ratio: 0.4}}
   - finetune: {{epochs: 1, batch: 8, workers: 0, teacher: parent}}
   - qat: {{backend: Tensorrt, epochs: 1, batch: 8, calib-batches: 2, workers: 0, teacher: parent,
-          distill: output}}
+          distill: both}}
 """
 
 
@@ -272,6 +273,8 @@ def test_recipe_finetune_and_qat_with_parent_teacher(lineage, tmp_path):
     ft = json.loads((out / "3-finetune" / "report.json").read_text())
     qat = json.loads((out / "4-qat" / "report.json").read_text())
     assert ft["distill"]["teacher"] == base and qat["distill"]["teacher"] == base
-    assert qat["distill"]["distill"] == "output" and "distill_cls" in qat["distill"]["last_epoch"]
+    assert ft["distill"]["distill"] == "output" and ft["distill"]["distill_weight"] == 3.0
+    assert "distill_feat" not in ft["distill"]["last_epoch"] and "distill_cls" in ft["distill"]["last_epoch"]
+    assert qat["distill"]["distill"] == "both" and qat["distill"]["last_epoch"]["distill_feat"] > 0
     assert set(torch.load(out / "4-qat" / "weights.pt", weights_only=True)) == set(
         load_model(out / "4-qat").state_dict())

@@ -21,7 +21,10 @@ DISTILL = "knowledge distillation (--teacher)"
 PARENT = "parent"
 PRUNING_STAGES = ("prune", "slim", "eagleeye")
 _ADAPTERS = "distill_adapters"
-MODES = ("both", "output", "feature")
+MODES = ("output", "both", "feature")
+# Defaults measured in benchmarks/distill.py (yolov5n, EagleEye 0.6): the output terms at weight 3 kept the
+# most mAP; adding the feature term lowered it at every weight tried.
+DEFAULT_MODE, DEFAULT_WEIGHT = "output", 3.0
 
 
 @dataclass(kw_only=True)
@@ -33,9 +36,10 @@ class DistillOptions(Options):
                                        "through the report.json of each stage)", metavar="MODEL", group=DISTILL)
     distill: str | None = option(None, "what the student learns from the teacher: its Detect outputs "
                                        "(objectness-weighted), the feature maps feeding Detect (channel-wise), or "
-                                       "both", choices=MODES, default_help="both", group=DISTILL)
+                                       "both", choices=MODES, default_help="output", group=DISTILL)
     distill_weight: float | None = option(None, "weight of the distillation terms (1: the teacher weighs like "
-                                                "the labels)", metavar="W", default_help="1.0", group=DISTILL)
+                                                "the labels)", metavar="W", default_help=str(DEFAULT_WEIGHT),
+                                          group=DISTILL)
     distill_temperature: float | None = option(None, "temperature of the channel-wise softmax", metavar="T",
                                                default_help="1.0", group=DISTILL)
 
@@ -58,8 +62,8 @@ class DistillOptions(Options):
         """``[DistillCallback]`` for ``--teacher`` (resolved against ``--weights``), ``[]`` without it."""
         if self.teacher is None:
             return []
-        return [DistillCallback(resolve_teacher(self.teacher, self.weights), self.distill or "both",
-                                1.0 if self.distill_weight is None else self.distill_weight,
+        return [DistillCallback(resolve_teacher(self.teacher, self.weights), self.distill or DEFAULT_MODE,
+                                DEFAULT_WEIGHT if self.distill_weight is None else self.distill_weight,
                                 1.0 if self.distill_temperature is None else self.distill_temperature)]
 
 
@@ -134,7 +138,7 @@ def preflight(o: DistillOptions, model) -> None:
     when ``--weights`` exists already (in a recipe it is the output of an earlier stage: checked when it runs)."""
     if o.teacher is None or (o.teacher == PARENT and not (o.weights and Path(o.weights).exists())):
         return
-    mode = o.distill or "both"
+    mode = o.distill or DEFAULT_MODE
     load_teacher(resolve_teacher(o.teacher, o.weights), model, o.resolved_imgsz(), mode in ("both", "output"))
 
 
@@ -166,7 +170,7 @@ class DistillCallback(Callback):
     Logs ``distill_obj``/``distill_cls``/``distill_box`` and ``distill_feat`` per epoch (results.csv).
     """
 
-    def __init__(self, teacher, mode: str = "both", weight: float = 1.0, tau: float = 1.0):
+    def __init__(self, teacher, mode: str = DEFAULT_MODE, weight: float = DEFAULT_WEIGHT, tau: float = 1.0):
         if mode not in MODES:
             raise UserError(f"--distill {mode}: choose one of {', '.join(MODES)}")
         self.teacher_path, self.mode, self.weight, self.tau = str(teacher), mode, float(weight), float(tau)
@@ -182,7 +186,7 @@ class DistillCallback(Callback):
         """The callback recorded in ``extra`` (see :meth:`options`), or None when it names no teacher."""
         if not extra or not extra.get("teacher"):
             return None
-        return cls(extra["teacher"], extra.get("distill", "both"), extra.get("distill_weight", 1.0),
+        return cls(extra["teacher"], extra.get("distill", DEFAULT_MODE), extra.get("distill_weight", DEFAULT_WEIGHT),
                    extra.get("distill_temperature", 1.0))
 
     @property
