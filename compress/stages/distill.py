@@ -36,7 +36,7 @@ class DistillOptions(Options):
                                        "through the report.json of each stage)", metavar="MODEL", group=DISTILL)
     distill: str | None = option(None, "what the student learns from the teacher: its Detect outputs "
                                        "(objectness-weighted), the feature maps feeding Detect (channel-wise), or "
-                                       "both", choices=MODES, default_help="output", group=DISTILL)
+                                       "both", choices=MODES, default_help=DEFAULT_MODE, group=DISTILL)
     distill_weight: float | None = option(None, "weight of the distillation terms (1: the teacher weighs like "
                                                 "the labels)", metavar="W", default_help=str(DEFAULT_WEIGHT),
                                           group=DISTILL)
