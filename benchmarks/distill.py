@@ -29,8 +29,8 @@ the mean and spread over seeds, and training seconds per epoch.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,13 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.fileio import write_json, write_text  # noqa: E402
+from compress.model.artifact import read_report as report  # noqa: E402
 from compress.tables import format_table  # noqa: E402
-
-
-def report(run: Path) -> dict:
-    """The run's report.json, or {} when it has none."""
-    f = run / "report.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def finished(run: Path) -> bool:
@@ -56,9 +51,12 @@ def finished(run: Path) -> bool:
 
 
 def command(args: list, run: Path) -> list:
-    """``compress ARGS --out RUN``, resuming an interrupted training run instead of starting it again."""
-    if (run / "last").is_dir() and (run / "opt.yaml").is_file() and args[0] == "train":
+    """``compress ARGS --out RUN``, resuming an interrupted training run instead of starting it again (any
+    other unfinished stage is removed and run again)."""
+    if args[0] == "train" and (run / "last").is_dir() and (run / "opt.yaml").is_file():
         return ["compress", "train", "--resume", str(run)]
+    if run.exists():
+        shutil.rmtree(run)
     return ["compress", *map(str, args), "--out", str(run)]
 
 
@@ -69,10 +67,6 @@ def run_steps(steps: list, threads: int) -> None:
         if finished(run):
             print(f"[skip] {run}")
             continue
-        if run.exists() and not (run / "last").is_dir():
-            import shutil
-
-            shutil.rmtree(run)  # a half-written non-training stage: start it again
         cmd = command(args, run)
         print("[run]", " ".join(cmd), flush=True)
         log = open(run.parent / f"{run.name}.log", "w")
@@ -86,13 +80,11 @@ def run_steps(steps: list, threads: int) -> None:
 
 
 def row(name: str, run: Path, base_map: float | None, teacher: str) -> dict:
+    """One table row from the run's report.json."""
     rep = report(run)
-    m = rep
-    epochs = rep.get("final_epoch")
-    sec = rep.get("train_seconds")
+    epochs, sec, m = rep.get("final_epoch"), rep.get("train_seconds"), rep.get("map")
     return {"model": name, "teacher": teacher, "params_M": rep.get("params", 0) / 1e6, "GFLOPs": rep.get("gflops"),
-            "mAP50": m.get("map50"), "mAP50-95": m.get("map"),
-            "kept": m.get("map") / base_map if base_map and m.get("map") is not None else None,
+            "mAP50": rep.get("map50"), "mAP50-95": m, "kept": m / base_map if base_map and m is not None else None,
             "s/epoch": sec / epochs if sec and epochs else None}
 
 

@@ -25,7 +25,7 @@ from .errors import UserError
 from .fileio import unfinished_stage, write_json, write_text
 from .report import METRICS, Report
 from .stages import STAGES, StageSpec
-from .stages.distill import PARENT, PRUNING_STAGES
+from .stages.distill import PARENT
 
 TOP_KEYS = {"name", "description", "data", "model", "imgsz", "stages"}
 SYNTH_KEYS = {"train", "val", "imgsz", "classes", "seed"}
@@ -165,7 +165,7 @@ def load_recipe(path, smoke: bool = False):
         except UserError as e:
             raise UserError(f"{where}: {name}: {e}") from None
         has_weights = has_weights or spec.produces_model
-        pruned = pruned or name in PRUNING_STAGES
+        pruned = pruned or spec.prunes
         stages.append(st)
     return r, stages
 
@@ -209,7 +209,7 @@ def check_recipe(path, smoke: bool = False, from_stage: int | None = None):
         except UserError as e:
             raise UserError(f"{st.where}: {st.name}: {e}") from None
         current = {"weights": "PREVIOUS"} if st.spec.produces_model else current
-        known = known and st.spec.name not in PRUNING_STAGES
+        known = known and not st.spec.prunes
     return r, stages
 
 

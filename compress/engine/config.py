@@ -58,6 +58,11 @@ class Callback:
 
     uses_ema = True
 
+    def options(self) -> dict:
+        """What ``TrainOptions.extra`` records of this callback (opt.yaml, the report's options), from which
+        ``--resume`` rebuilds it; ``{}`` for a callback with no options of its own."""
+        return {}
+
     def on_prepare(self, trainer):
         """After the model is built and moved to its device, before the optimizer exists."""
 
@@ -95,3 +100,8 @@ class Callback:
 
     def on_train_end(self, trainer, report: dict):
         """After training; ``report`` is the final report.json content (may be extended)."""
+
+
+def callback_options(callbacks) -> dict:
+    """The options of all ``callbacks`` (:meth:`Callback.options`) in one mapping, for ``TrainOptions.extra``."""
+    return {k: v for cb in callbacks for k, v in cb.options().items()}

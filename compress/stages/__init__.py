@@ -17,7 +17,8 @@ class StageSpec:
     """One stage: the command that runs it, where its options and ``run`` live, what it consumes and makes.
 
     ``produces_model``: its folder is a model artifact the next recipe stage starts from;
-    ``needs_weights``: why it cannot start from a bare ``--cfg`` (None when it can).
+    ``needs_weights``: why it cannot start from a bare ``--cfg`` (None when it can);
+    ``prunes``: its artifact is narrower than its input (its report's ``parent`` is the unpruned model).
     """
 
     name: str
@@ -26,6 +27,7 @@ class StageSpec:
     options_class: str
     produces_model: bool = False
     needs_weights: str | None = None
+    prunes: bool = False
 
     @property
     def options(self) -> type:
@@ -50,9 +52,11 @@ STAGES = {s.name: s for s in (
     StageSpec("train", "train", "compress.stages.train", "TrainStageOptions", produces_model=True),
     StageSpec("finetune", "train", "compress.stages.train", "TrainStageOptions", produces_model=True,
               needs_weights=_TRAINED),
-    StageSpec("prune", "prune", "compress.stages.prune", "PruneOptions", produces_model=True),
-    StageSpec("slim", "slim", "compress.stages.slim", "SlimOptions", produces_model=True, needs_weights=_TRAINED),
-    StageSpec("eagleeye", "eagleeye", "compress.stages.eagleeye", "EagleEyeOptions", produces_model=True),
+    StageSpec("prune", "prune", "compress.stages.prune", "PruneOptions", produces_model=True, prunes=True),
+    StageSpec("slim", "slim", "compress.stages.slim", "SlimOptions", produces_model=True, needs_weights=_TRAINED,
+              prunes=True),
+    StageSpec("eagleeye", "eagleeye", "compress.stages.eagleeye", "EagleEyeOptions", produces_model=True,
+              prunes=True),
     StageSpec("qat", "qat", "compress.stages.qat", "QATOptions", produces_model=True, needs_weights=_TRAINED),
     StageSpec("export", "export", "compress.stages.export", "ExportOptions"),
     StageSpec("val", "val", "compress.stages.val", "ValOptions"),

@@ -16,10 +16,10 @@ from ..engine.config import Callback
 from ..errors import UserError
 from ..options import Options, flag_name, option
 from ..report import Report
+from . import STAGES
 
 DISTILL = "knowledge distillation (--teacher)"
 PARENT = "parent"
-PRUNING_STAGES = ("prune", "slim", "eagleeye")
 _ADAPTERS = "distill_adapters"
 MODES = ("output", "both", "feature")
 # Defaults measured in benchmarks/distill.py (yolov5n, EagleEye 0.6): the output terms at weight 3 kept the
@@ -51,8 +51,8 @@ class DistillOptions(Options):
                     raise UserError(f"{flag_name(name)} only applies to distillation: add --teacher MODEL "
                                     f"(or --teacher parent)")
             return
-        if self.teacher != PARENT and not Path(self.teacher).exists():
-            raise UserError(f"--teacher {self.teacher}: no such artifact directory or weights file")
+        if self.teacher != PARENT:
+            resolve_teacher(self.teacher, self.weights)  # a missing path is an error before anything runs
         if self.distill_weight is not None:
             self.require_range("distill_weight", 0, 1e3, lo_open=True)
         if self.distill_temperature is not None:
@@ -87,7 +87,7 @@ def pruned_from(weights) -> Path:
         if not parent.exists():
             raise UserError(f"--teacher parent: {folder} names its parent {rep.parent}, which does not exist (moved "
                             f"or deleted?); give --teacher MODEL")
-        if rep.stage in PRUNING_STAGES:
+        if rep.stage in STAGES and STAGES[rep.stage].prunes:
             return parent.absolute()
         path = parent
     raise UserError(f"--teacher parent: the lineage of {weights} is longer than 64 stages (a loop?)")
@@ -136,10 +136,10 @@ def load_teacher(path, student, imgsz: int, outputs: bool = True):
 def preflight(o: DistillOptions, model) -> None:
     """Check ``--teacher`` against the student ``model`` before anything is written. ``parent`` is resolved
     when ``--weights`` exists already (in a recipe it is the output of an earlier stage: checked when it runs)."""
-    if o.teacher is None or (o.teacher == PARENT and not (o.weights and Path(o.weights).exists())):
+    if o.teacher == PARENT and not (o.weights and Path(o.weights).exists()):
         return
-    mode = o.distill or DEFAULT_MODE
-    load_teacher(resolve_teacher(o.teacher, o.weights), model, o.resolved_imgsz(), mode in ("both", "output"))
+    for cb in o.distill_callbacks():
+        cb.load_teacher(model, o.resolved_imgsz())
 
 
 class _Inputs:
@@ -246,6 +246,8 @@ class DistillCallback(Callback):
         return total * self.weight * imgs.shape[0], items
 
     def on_train_end(self, trainer, report):
+        for caught in (self.student_in, self.teacher_in):
+            caught.handle.remove()
         last = trainer.history[-1] if trainer.history else {}
         report["distill"] = {**self.options(), "last_epoch": {k: v for k, v in last.items()
                                                               if k.startswith("distill_")}}

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.config import Callback, TrainOptions
+from ..engine.config import Callback, TrainOptions, callback_options
 from ..errors import UserError
 from ..fileio import unfinished_run
 from ..options import option
@@ -133,7 +133,7 @@ def run(o: QATOptions) -> Report:
     # fine-tuning a trained model: a small constant-ish LR and no warmup (warmup's bias LR of 0.1 would
     # throw the calibrated ranges off)
     o = o.replace(out=str(out), imgsz=o.resolved_imgsz(), hyp={**load_hyp(o.hyp), "lr0": o.lr, "warmup_epochs": 0.0},
-                  extra={k: v for cb in distill for k, v in cb.options().items()})
+                  extra=callback_options(distill))
     with unfinished_run(out, "qat"):
         calib = load_batches(data["train"], o.imgsz, o.batch, o.calib_batches, data["nc"], seed=o.seed,
                              workers=o.workers, prefix="calib: ")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.config import TrainOptions
+from ..engine.config import TrainOptions, callback_options
 from ..errors import UserError
 from ..fileio import new_run_dir, unfinished_run
 from ..log import note
@@ -23,11 +23,9 @@ from .distill import preflight as distill_preflight
 SPARSITY = "sparsity training (Network Slimming; then `compress slim`)"
 # Options --resume may change: they affect where and how fast the run goes, not what it computes.
 RESUME_SAFE = ("device", "workers")
-# Sparsity flags -> their keys in TrainOptions.extra (opt.yaml).
-_EXTRA_KEYS = {"sparsity": "sparsity", "sparsity_schedule": "sparsity_schedule",
-               "sparsity_warmup_epochs": "sparsity_warmup_epochs", "exclude": "sparsity_exclude",
-               "teacher": "teacher", "distill": "distill", "distill_weight": "distill_weight",
-               "distill_temperature": "distill_temperature"}
+# Flags that TrainOptions.extra (opt.yaml) records under another name; the other callback flags (sparsity,
+# distillation) keep theirs.
+_EXTRA_KEYS = {"exclude": "sparsity_exclude"}
 
 
 @dataclass(kw_only=True)
@@ -108,7 +106,7 @@ def run(o: TrainStageOptions) -> Report:
     main = dist_rank() == 0
     out = output_dir(o, "train") if main else Path(o.out or new_run_dir("train", o.name))
     o = o.replace(out=str(out), imgsz=o.resolved_imgsz(),
-                  extra={k: v for cb in callbacks for k, v in cb.options().items()})
+                  extra=callback_options(callbacks))
     with unfinished_run(out, "train", enabled=main):
         if main:
             save_options(o)
@@ -132,7 +130,8 @@ def _resume(o: TrainStageOptions) -> Report:
     changes, notes = {}, []
     for name in sorted(o.given - {"resume", "out", "name"}):
         new = getattr(o, name)
-        old = saved.extra.get(_EXTRA_KEYS[name]) if name in _EXTRA_KEYS else getattr(saved, name, None)
+        # a flag TrainOptions lacks belongs to a callback: its recorded value is in extra
+        old = getattr(saved, name) if hasattr(saved, name) else saved.extra.get(_EXTRA_KEYS.get(name, name))
         if _same(name, new, old):
             continue
         if name in RESUME_SAFE:
